@@ -1,0 +1,36 @@
+"""Exceptions raised by gsnr-diag.
+
+Every error a user can cause is a :class:`GsnrDiagError` subclass with a message that
+names the argument and says what was expected. The CLI maps them to exit codes
+(``UsageError``-like input problems → 2).
+"""
+
+from __future__ import annotations
+
+
+class GsnrDiagError(Exception):
+    """Base class of every error gsnr-diag raises on purpose."""
+
+
+class DataError(GsnrDiagError, ValueError):
+    """The ``data`` argument could not be understood or holds too few samples."""
+
+
+class ModelError(GsnrDiagError, ValueError):
+    """The model cannot be measured as asked (no trainable parameters, BatchNorm in train mode, ...)."""
+
+
+class LossError(GsnrDiagError, ValueError):
+    """``loss_fn`` did not return a differentiable scalar."""
+
+
+class NonFiniteGradientError(GsnrDiagError, FloatingPointError):
+    """Per-sample gradients contained NaN or inf."""
+
+
+class TrajectoryFormatError(GsnrDiagError, ValueError):
+    """A saved run or trajectory file is malformed or from a newer schema."""
+
+
+class ThresholdError(GsnrDiagError, AssertionError):
+    """A measured value is below a user-given threshold."""

@@ -1,0 +1,164 @@
+"""Streaming float64 moments of per-sample gradients (SCIENCE.md, implementation notes).
+
+For every parameter tensor we keep, element-wise, the sample count, the running mean
+ḡ (eq. 5), the sum of squared deviations M2 (so ρ² = M2 / (n − 1), eq. 2) and, for the
+same-sign fraction, the number of strictly positive and strictly negative per-sample
+gradients. Chunks are combined with Chan et al.'s parallel formula, never with
+Σg² − n·ḡ², which loses precision when ρ² ≪ ḡ². The same merge combines shards across
+``torch.distributed`` ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ChunkMoments", "Moments", "all_reduce_moments"]
+
+
+@dataclass
+class ChunkMoments:
+    """Moments of one parameter over one chunk of samples (float64, on any device)."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+    pos: torch.Tensor | None = None
+    neg: torch.Tensor | None = None
+
+    @classmethod
+    def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> "ChunkMoments":
+        """Two-pass moments of per-sample gradients ``grad_sample`` of shape ``[B, *param.shape]``."""
+        g = grad_sample.detach().to(torch.float64)
+        mean = g.mean(0)
+        m2 = (g - mean).square_().sum(0)
+        pos = neg = None
+        if signs:
+            pos = (grad_sample > 0).sum(0, dtype=torch.float64)
+            neg = (grad_sample < 0).sum(0, dtype=torch.float64)
+        return cls(int(g.shape[0]), mean, m2, pos, neg)
+
+    @classmethod
+    def from_sums(
+        cls,
+        count: int,
+        total: torch.Tensor,
+        total_sq: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        neg: torch.Tensor | None = None,
+    ) -> "ChunkMoments":
+        """Moments of one chunk from Σg and Σg² (float64) — used by the moment rules.
+
+        Within one chunk M2 = Σg² − (Σg)²/B; the float64 sums keep this exact to far
+        below float32 resolution, and chunks are then merged with Chan's formula.
+        """
+        total = total.to(torch.float64)
+        mean = total / count
+        m2 = (total_sq.to(torch.float64) - total * mean).clamp_(min=0.0)
+        return cls(
+            int(count),
+            mean,
+            m2,
+            None if pos is None else pos.to(torch.float64),
+            None if neg is None else neg.to(torch.float64),
+        )
+
+
+def _chan(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):
+    n = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / n)
+    m2 = m2_a + m2_b + delta.square() * (count_a * count_b / n)
+    return n, mean, m2
+
+
+@dataclass
+class Moments:
+    """Per-parameter streaming accumulators; ``merge`` is associative and exact in float64."""
+
+    signs: bool = True
+    count: dict[str, int] = field(default_factory=dict)
+    mean: dict[str, torch.Tensor] = field(default_factory=dict)
+    m2: dict[str, torch.Tensor] = field(default_factory=dict)
+    pos: dict[str, torch.Tensor] = field(default_factory=dict)
+    neg: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of samples seen (the same for every parameter)."""
+        return next(iter(self.count.values()), 0)
+
+    def add(self, name: str, chunk: ChunkMoments) -> None:
+        """Merge one chunk's moments of parameter ``name`` (Chan's parallel formula)."""
+        if chunk.count == 0:
+            return
+        if name not in self.count:
+            self.count[name] = chunk.count
+            self.mean[name] = chunk.mean.to(torch.float64).clone()
+            self.m2[name] = chunk.m2.to(torch.float64).clone()
+            if self.signs:
+                self.pos[name] = _require(chunk.pos, name).clone()
+                self.neg[name] = _require(chunk.neg, name).clone()
+            return
+        n, mean, m2 = _chan(self.count[name], self.mean[name], self.m2[name], chunk.count, chunk.mean, chunk.m2)
+        self.count[name], self.mean[name], self.m2[name] = n, mean, m2
+        if self.signs:
+            self.pos[name] += _require(chunk.pos, name)
+            self.neg[name] += _require(chunk.neg, name)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Merge another accumulator into this one (in place) and return self."""
+        for name in other.count:
+            self.add(
+                name,
+                ChunkMoments(
+                    other.count[name],
+                    other.mean[name],
+                    other.m2[name],
+                    other.pos.get(name),
+                    other.neg.get(name),
+                ),
+            )
+        return self
+
+    def to(self, device: torch.device | str) -> "Moments":
+        """A copy with every tensor on ``device``."""
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Moments(self.signs, dict(self.count), move(self.mean), move(self.m2), move(self.pos), move(self.neg))
+
+
+def _require(t: torch.Tensor | None, name: str) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"moments of {name!r} carry no sign counts but signs=True")
+    return t.to(torch.float64)
+
+
+def all_reduce_moments(moments: Moments, group=None) -> Moments:
+    """Combine the moments of every ``torch.distributed`` rank into those of the union (in place).
+
+    Two all-reduce rounds per tensor: first counts and Σ nᵣ·meanᵣ give the global mean,
+    then Σ (M2ᵣ + nᵣ·(meanᵣ − mean)²) gives the global M2 — Chan's formula over ranks.
+    Sign counts are summed.
+    """
+    import torch.distributed as dist
+
+    names = sorted(moments.count)
+    if not names:
+        return moments
+    device = moments.mean[names[0]].device
+    counts = torch.tensor([float(moments.count[k]) for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, group=group)
+    for i, k in enumerate(names):
+        n_local = float(moments.count[k])
+        total = moments.mean[k] * n_local
+        dist.all_reduce(total, group=group)
+        n = counts[i].item()
+        mean = total / n
+        m2 = moments.m2[k] + (moments.mean[k] - mean).square() * n_local
+        dist.all_reduce(m2, group=group)
+        moments.count[k], moments.mean[k], moments.m2[k] = int(round(n)), mean, m2
+        if moments.signs:
+            dist.all_reduce(moments.pos[k], group=group)
+            dist.all_reduce(moments.neg[k], group=group)
+    return moments

@@ -1,0 +1,325 @@
+"""GradientStats: GSNR, OSGR and sign statistics from finished moments — pure math, no I/O.
+
+Definitions follow shared/SCIENCE.md and Liu et al. (ICLR 2020):
+
+* ``mean`` ḡ_j = (1/n) Σ_i g_ij                          (eq. 5)
+* ``var``  ρ²_j = Σ_i (g_ij − ḡ_j)² / (n − 1)             (eq. 2, 8)
+* ``gsnr`` r_j = ḡ_j² / ρ²_j                              (eq. 2, estimated as eq. 25)
+* ``same_sign``: among samples with g_ij ≠ 0, the share whose sign equals sign(ḡ_j)  (Sec. 3.1)
+* ``osgr`` R = 1 − Σ_j ρ²_j / (n · Σ_j ḡ_j²)              (single-set estimate of eq. 19 / eq. 22)
+* ``opposite_sign``: over weight tensors (ndim ≥ 2), share of elements with W_j·ḡ_j < 0   (Sec. 3.3, Fig. 7b)
+
+Undefined elements (ρ² = 0; for same-sign ḡ = 0 or no non-zero sample) are NaN in the
+per-element tensors, excluded from every average and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .moments import Moments
+
+__all__ = [
+    "GradientStats",
+    "gsnr_from_moments",
+    "same_sign_fraction",
+    "osgr_single_set",
+    "opposite_sign_fraction",
+    "stats_from_moments",
+]
+
+SCHEMA_VERSION = 1
+
+
+def gsnr_from_moments(mean: torch.Tensor, var: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+    """r_j = ḡ_j² / (ρ²_j + ε) (eq. 2); NaN where the denominator is 0."""
+    denom = var + epsilon
+    r = mean.square() / denom
+    return torch.where(denom > 0, r, torch.full_like(r, math.nan))
+
+
+def same_sign_fraction(mean: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """pos/(pos+neg) where ḡ > 0, neg/(pos+neg) where ḡ < 0; NaN where ḡ = 0 or pos+neg = 0 (Sec. 3.1)."""
+    total = pos + neg
+    agree = torch.where(mean > 0, pos, neg)
+    frac = agree / total.clamp(min=1)
+    defined = (mean != 0) & (total > 0)
+    return torch.where(defined, frac, torch.full_like(frac, math.nan))
+
+
+def osgr_single_set(means: list[torch.Tensor], variances: list[torch.Tensor], n: int) -> float | None:
+    """R = 1 − Σ_j ρ²_j / (n · Σ_j ḡ_j²), the single-training-set estimate of eq. 19.
+
+    ḡ_j² is an unbiased estimate of E_D[g²_D,j] at fixed θ (SCIENCE.md); equivalent to eq. 22.
+    ``None`` when every mean gradient is zero.
+    """
+    signal = sum(float(m.square().sum()) for m in means)
+    noise = sum(float(v.sum()) for v in variances)
+    if signal <= 0:
+        return None
+    return 1.0 - noise / (n * signal)
+
+
+def opposite_sign_fraction(
+    weights: dict[str, torch.Tensor], means: dict[str, torch.Tensor], top_fraction: float | None = None
+) -> float | None:
+    """Share of weight elements (tensors with ndim ≥ 2) with W_j · ḡ_j < 0 (Sec. 3.3, Fig. 7b).
+
+    With ``top_fraction`` (0.1 for the paper's top 10%) only the elements with the largest
+    |W| of each tensor count, pooled over tensors.
+    """
+    opposite = total = 0
+    for name, w in weights.items():
+        if w.ndim < 2 or name not in means:
+            continue
+        w64 = w.detach().to(torch.float64).flatten().cpu()
+        g = means[name].flatten().cpu()
+        if top_fraction is not None:
+            k = max(1, math.ceil(top_fraction * w64.numel()))
+            idx = torch.topk(w64.abs(), k).indices
+            w64, g = w64[idx], g[idx]
+        opposite += int(((w64 * g) < 0).sum())
+        total += w64.numel()
+    return opposite / total if total else None
+
+
+def _nanmean(t: torch.Tensor) -> float | None:
+    ok = ~torch.isnan(t)
+    if not bool(ok.any()):
+        return None
+    return float(t[ok].mean())
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclass
+class GradientStats:
+    """Per-parameter gradient statistics of a model on a data set at fixed θ.
+
+    Per-element tensors (float64, CPU, shaped like each parameter) are keyed by the names
+    in ``model.named_parameters()``; undefined elements are NaN. Aggregates are plain
+    floats (``None`` when undefined).
+    """
+
+    n: int
+    mean: dict[str, torch.Tensor]
+    var: dict[str, torch.Tensor]
+    gsnr: dict[str, torch.Tensor]
+    same_sign: dict[str, torch.Tensor] | None
+    mean_gsnr: float | None
+    gsnr_quantiles: dict[str, float | None]
+    layer_gsnr: dict[str, float | None]
+    layer_same_sign: dict[str, float | None]
+    mean_same_sign: float | None
+    osgr: float | None
+    opposite_sign: float | None
+    opposite_sign_top10: float | None
+    undefined: int
+    same_sign_undefined: int
+    capture_paths: dict[str, str] = field(default_factory=dict)
+    mode: str = "eval"
+    epsilon: float = 0.0
+    skipped_nonfinite: int = 0
+
+    @property
+    def num_elements(self) -> int:
+        """Total number of measured parameter elements."""
+        return sum(t.numel() for t in self.mean.values())
+
+    def summary(self) -> str:
+        """A per-parameter text table: shape, elements, mean and median GSNR, same-sign, capture path."""
+        head = ["parameter", "shape", "elements", "mean GSNR", "median GSNR", "same-sign", "undef", "path"]
+        rows = []
+        for name, r in self.gsnr.items():
+            defined = r[~torch.isnan(r)]
+            med = float(defined.median()) if defined.numel() else None
+            ss = self.layer_same_sign.get(name)
+            module = name.rpartition(".")[0]
+            rows.append(
+                [
+                    name,
+                    "×".join(str(s) for s in r.shape) or "scalar",
+                    str(r.numel()),
+                    _fmt(self.layer_gsnr.get(name)),
+                    _fmt(med),
+                    "-" if ss is None else f"{ss:.3f}",
+                    str(int(torch.isnan(r).sum())),
+                    self.capture_paths.get(module, self.capture_paths.get(name, "?")),
+                ]
+            )
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        line = lambda cells: "  ".join(  # noqa: E731
+            c.ljust(w) if i in (0, 1, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        q = self.gsnr_quantiles
+        out.append("")
+        out.append(
+            f"n = {self.n} samples, {self.num_elements} elements ({self.undefined} with zero variance excluded), "
+            f"measured in {self.mode} mode"
+        )
+        out.append(
+            f"mean GSNR {_fmt(self.mean_gsnr)}   median {_fmt(q.get('median'))}   p90 {_fmt(q.get('p90'))}   "
+            f"OSGR (eq. 19) {_fmt(self.osgr)}"
+        )
+        out.append(
+            f"same-sign {_fmt(self.mean_same_sign)}   opposite-sign {_fmt(self.opposite_sign)}   "
+            f"opposite-sign top-10% |W| {_fmt(self.opposite_sign_top10)}"
+        )
+        return "\n".join(out)
+
+    def aggregates(self) -> dict[str, Any]:
+        """The scalar results as a JSON-ready dict (no per-element tensors)."""
+        return {
+            "n": self.n,
+            "mean_gsnr": self.mean_gsnr,
+            "gsnr_quantiles": dict(self.gsnr_quantiles),
+            "layer_gsnr": dict(self.layer_gsnr),
+            "layer_same_sign": dict(self.layer_same_sign),
+            "mean_same_sign": self.mean_same_sign,
+            "osgr": self.osgr,
+            "opposite_sign": self.opposite_sign,
+            "opposite_sign_top10": self.opposite_sign_top10,
+            "undefined": self.undefined,
+            "same_sign_undefined": self.same_sign_undefined,
+            "capture_paths": dict(self.capture_paths),
+            "mode": self.mode,
+            "epsilon": self.epsilon,
+            "skipped_nonfinite": self.skipped_nonfinite,
+        }
+
+    def to_dict(self, tensors: bool = True) -> dict[str, Any]:
+        """JSON-ready dict; per-element tensors as ``{"shape", "data"}`` with NaN → null."""
+        d = {"schema_version": SCHEMA_VERSION, **self.aggregates()}
+        if tensors:
+            d["mean"] = {k: _tensor_to_json(v) for k, v in self.mean.items()}
+            d["var"] = {k: _tensor_to_json(v) for k, v in self.var.items()}
+            d["gsnr"] = {k: _tensor_to_json(v) for k, v in self.gsnr.items()}
+            d["same_sign"] = None if self.same_sign is None else {k: _tensor_to_json(v) for k, v in self.same_sign.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GradientStats":
+        """Inverse of :meth:`to_dict` (tensors come back as float64 CPU tensors)."""
+        from .errors import TrajectoryFormatError
+
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if version > SCHEMA_VERSION:
+            raise TrajectoryFormatError(
+                f"GradientStats schema_version {version} is newer than this gsnr-diag understands "
+                f"({SCHEMA_VERSION}); upgrade gsnr-diag"
+            )
+        try:
+            tensors = lambda key: {k: _tensor_from_json(v) for k, v in (d.get(key) or {}).items()}  # noqa: E731
+            return cls(
+                n=int(d["n"]),
+                mean=tensors("mean"),
+                var=tensors("var"),
+                gsnr=tensors("gsnr"),
+                same_sign=None if d.get("same_sign") is None else tensors("same_sign"),
+                mean_gsnr=d["mean_gsnr"],
+                gsnr_quantiles=dict(d["gsnr_quantiles"]),
+                layer_gsnr=dict(d["layer_gsnr"]),
+                layer_same_sign=dict(d.get("layer_same_sign") or {}),
+                mean_same_sign=d["mean_same_sign"],
+                osgr=d["osgr"],
+                opposite_sign=d["opposite_sign"],
+                opposite_sign_top10=d["opposite_sign_top10"],
+                undefined=int(d["undefined"]),
+                same_sign_undefined=int(d.get("same_sign_undefined", 0)),
+                capture_paths=dict(d.get("capture_paths") or {}),
+                mode=d.get("mode", "eval"),
+                epsilon=float(d.get("epsilon", 0.0)),
+                skipped_nonfinite=int(d.get("skipped_nonfinite", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
+        return f"{x:.3e}"
+    return f"{x:.4f}"
+
+
+def _tensor_to_json(t: torch.Tensor) -> dict[str, Any]:
+    flat = t.detach().to(torch.float64).flatten().tolist()
+    return {"shape": list(t.shape), "data": [None if not math.isfinite(v) else v for v in flat]}
+
+
+def _tensor_from_json(d: dict[str, Any]) -> torch.Tensor:
+    data = [math.nan if v is None else v for v in d["data"]]
+    return torch.tensor(data, dtype=torch.float64).reshape(d["shape"])
+
+
+def stats_from_moments(
+    moments: Moments,
+    weights: dict[str, torch.Tensor],
+    *,
+    capture_paths: dict[str, str] | None = None,
+    epsilon: float = 0.0,
+    mode: str = "eval",
+    skipped_nonfinite: int = 0,
+) -> GradientStats:
+    """Finish streaming moments into :class:`GradientStats` (all aggregates of SCIENCE.md)."""
+    n = moments.n
+    names = [k for k in weights if k in moments.count]
+    mean = {k: moments.mean[k].detach().to("cpu", torch.float64) for k in names}
+    var = {k: (moments.m2[k].detach().to("cpu", torch.float64) / (n - 1)) for k in names}
+    gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
+    same_sign = None
+    if moments.signs:
+        same_sign = {
+            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()) for k in names
+        }
+
+    flat_r = torch.cat([gsnr[k].flatten() for k in names]) if names else torch.empty(0, dtype=torch.float64)
+    defined_r = flat_r[~torch.isnan(flat_r)]
+    mean_gsnr = float(defined_r.mean()) if defined_r.numel() else None
+    if defined_r.numel():
+        q = np.quantile(defined_r.numpy(), [0.5, 0.9])
+        quantiles = {"median": float(q[0]), "p90": float(q[1])}
+    else:
+        quantiles = {"median": None, "p90": None}
+    layer_gsnr = {k: _nanmean(gsnr[k]) for k in names}
+
+    layer_same_sign: dict[str, float | None] = {}
+    mean_same_sign = None
+    same_sign_undefined = 0
+    if same_sign is not None:
+        layer_same_sign = {k: _nanmean(same_sign[k]) for k in names}
+        flat_s = torch.cat([same_sign[k].flatten() for k in names])
+        same_sign_undefined = int(torch.isnan(flat_s).sum())
+        mean_same_sign = _nanmean(flat_s)
+
+    w = {k: weights[k] for k in names}
+    return GradientStats(
+        n=n,
+        mean=mean,
+        var=var,
+        gsnr=gsnr,
+        same_sign=same_sign,
+        mean_gsnr=_finite_or_none(mean_gsnr),
+        gsnr_quantiles=quantiles,
+        layer_gsnr={k: _finite_or_none(v) for k, v in layer_gsnr.items()},
+        layer_same_sign=layer_same_sign,
+        mean_same_sign=mean_same_sign,
+        osgr=_finite_or_none(osgr_single_set(list(mean.values()), list(var.values()), n)),
+        opposite_sign=opposite_sign_fraction(w, mean),
+        opposite_sign_top10=opposite_sign_fraction(w, mean, top_fraction=0.1),
+        undefined=int(torch.isnan(flat_r).sum()),
+        same_sign_undefined=same_sign_undefined,
+        capture_paths=dict(capture_paths or {}),
+        mode=mode,
+        epsilon=epsilon,
+        skipped_nonfinite=skipped_nonfinite,
+    )
