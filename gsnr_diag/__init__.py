@@ -1,34 +1,75 @@
-"""gsnr-diag: gradient signal-to-noise ratio diagnostics for PyTorch (Liu et al., ICLR 2020)."""
+"""gsnr-diag: gradient signal-to-noise ratio diagnostics for PyTorch (Liu et al., ICLR 2020).
 
-from .errors import (
-    DataError,
-    GsnrDiagError,
-    LossError,
-    ModelError,
-    NonFiniteGradientError,
-    ThresholdError,
-    TrajectoryFormatError,
-)
-from .measure import gradient_stats
-from .moments import ChunkMoments, Moments
-from .stats import GradientStats
+The public names below are imported lazily (PEP 562 module ``__getattr__``): importing
+``gsnr_diag`` (or ``gsnr_diag.plugin``, which pytest loads in every run through the
+``pytest11`` entry point) does not import torch. ``from gsnr_diag import gradient_stats``
+imports the defining submodule on first use.
+
+To export a name, map it to its submodule with ``_lazy(".module", "Name", ...)`` under your
+anchor below (it also extends ``__all__``); do not add eager ``from .x import y`` lines here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ChunkMoments",
+#: public name -> submodule (relative to this package) that defines it
+_LAZY: dict[str, str] = {}
+
+__all__: list[str] = ["__version__"]
+
+
+def _lazy(module: str, *names: str) -> None:
+    """Export ``names`` from ``module`` (e.g. ``".measure"``) on first attribute access."""
+    for name in names:
+        _LAZY[name] = module
+        if name not in __all__:
+            __all__.append(name)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+_lazy(
+    ".errors",
     "DataError",
-    "GradientStats",
     "GsnrDiagError",
     "LossError",
     "ModelError",
-    "Moments",
     "NonFiniteGradientError",
     "ThresholdError",
     "TrajectoryFormatError",
-    "gradient_stats",
-    "__version__",
-]
+)
+_lazy(".measure", "gradient_stats")
+_lazy(".moments", "ChunkMoments", "Moments")
+_lazy(".stats", "GradientStats")
+
+if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from .errors import (  # noqa: F401
+        DataError,
+        GsnrDiagError,
+        LossError,
+        ModelError,
+        NonFiniteGradientError,
+        ThresholdError,
+        TrajectoryFormatError,
+    )
+    from .measure import gradient_stats  # noqa: F401
+    from .moments import ChunkMoments, Moments  # noqa: F401
+    from .stats import GradientStats  # noqa: F401
 
 # --- dynamics exports (issue 3: monitor, trajectory, training, experiments) ---
 

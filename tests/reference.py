@@ -21,6 +21,14 @@ def _index(x, i):
     return tuple(_index(v, i) for v in x)
 
 
+def _to_double(x):
+    if isinstance(x, torch.Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_double(v) for k, v in x.items()}
+    return tuple(_to_double(v) for v in x)
+
+
 def _call(model, x):
     if isinstance(x, dict):
         return model(**x)
@@ -31,8 +39,11 @@ def _call(model, x):
 
 def per_sample_gradients(model, x, y, loss_fn, mode="eval"):
     """{name: float64 numpy array [n, *shape]} by a batch-of-one loop."""
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).double()
     model.train(mode == "train")
+    x = _to_double(x)
+    if y.is_floating_point():
+        y = y.double()
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     params = [p for k, p in model.named_parameters() if p.requires_grad]
     n = int(y.shape[0])

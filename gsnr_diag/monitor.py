@@ -1,0 +1,372 @@
+"""Monitor: GSNR statistics on a schedule during training → Snapshot → Trajectory.
+
+Usage in a user's own loop::
+
+    monitor = Monitor(model, (X, Y), loss_fn, test_data=(Xt, Yt), every=linear(50), path="run.jsonl")
+    for step in range(steps):
+        if monitor.should_record(step):
+            monitor.record(step, lr=scheduler.get_last_lr()[0])
+        ...  # forward, backward, optimizer.step()
+
+Recording never changes training: :func:`~gsnr_diag.measure.gradient_stats` restores modes,
+RNG states and ``.grad``, and the losses are evaluated under ``torch.no_grad`` inside the
+same :func:`~gsnr_diag.measure.preserved_state`, so a run with the monitor ends with bitwise
+the same weights as one without.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import call_model, count_samples, iter_batches
+from .errors import GsnrDiagError
+from .measure import gradient_stats, model_device, preserved_state
+from .stats import GradientStats
+from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
+
+__all__ = [
+    "Monitor",
+    "MonitorError",
+    "Schedule",
+    "linear",
+    "logarithmic",
+    "pearson",
+    "delta_g_weight_corr",
+    "library_versions",
+]
+
+Schedule = Callable[[int], bool]
+TASKS = ("classification", "regression")
+
+
+class MonitorError(GsnrDiagError, ValueError):
+    """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
+
+
+# ----------------------------------------------------------------------------- schedules
+class linear:  # noqa: N801 - used like a function: every=linear(10)
+    """Schedule ``step -> bool``: true every ``k`` steps from ``start`` (step 0, k, 2k, ... by default)."""
+
+    def __init__(self, k: int, start: int = 0):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise MonitorError(f"linear(k): expected a positive int, got {k!r}")
+        if not isinstance(start, int) or start < 0:
+            raise MonitorError(f"linear(start=...): expected a non-negative int, got {start!r}")
+        self.k, self.start = k, start
+
+    def __call__(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.k == 0
+
+    def __repr__(self) -> str:
+        return f"linear({self.k}, start={self.start})"
+
+
+class logarithmic:  # noqa: N801
+    """Schedule ``step -> bool``: step 0 and ``per_decade`` log-spaced steps per factor of 10.
+
+    The steps are the distinct values of ``round(start · 10^(i / per_decade))`` for i = 0, 1, ...,
+    up to ``end`` when given (Cockpit-style dense-early recording: GSNR moves fastest at the
+    start of training).
+    """
+
+    def __init__(self, per_decade: int = 10, start: int = 1, end: int | None = None):
+        if not isinstance(per_decade, int) or per_decade < 1:
+            raise MonitorError(f"logarithmic(per_decade): expected a positive int, got {per_decade!r}")
+        if not isinstance(start, int) or start < 1:
+            raise MonitorError(f"logarithmic(start=...): expected an int >= 1, got {start!r}")
+        if end is not None and (not isinstance(end, int) or end < start):
+            raise MonitorError(f"logarithmic(end=...): expected an int >= start, got {end!r}")
+        self.per_decade, self.start, self.end = per_decade, start, end
+        self._steps: set[int] = {0}
+        self._i = 0
+        self._upto = -1
+
+    def _extend(self, step: int) -> None:
+        while self._upto < step:
+            v = int(round(self.start * 10 ** (self._i / self.per_decade)))
+            self._i += 1
+            self._upto = v
+            if self.end is None or v <= self.end:
+                self._steps.add(v)
+            else:
+                self._upto = math.inf  # type: ignore[assignment]
+
+    def __call__(self, step: int) -> bool:
+        self._extend(step)
+        return step in self._steps
+
+    def __repr__(self) -> str:
+        return f"logarithmic(per_decade={self.per_decade}, start={self.start}, end={self.end})"
+
+
+def _as_schedule(every: int | Schedule) -> Schedule:
+    if isinstance(every, int) and not isinstance(every, bool):
+        return linear(every)
+    if callable(every):
+        return every
+    raise MonitorError(f"every: expected a positive int or a schedule step -> bool, got {every!r}")
+
+
+# ----------------------------------------------------------------------------- pure math
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation of two equally long vectors (float64); ``None`` if either is constant."""
+    x = x.to(torch.float64).flatten()
+    y = y.to(torch.float64).flatten()
+    if x.numel() < 2:
+        return None
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(xc.square().sum()) * float(yc.square().sum()))
+    if denom == 0 or not math.isfinite(denom):
+        return None
+    return float((xc * yc).sum()) / denom
+
+
+def delta_g_weight_corr(
+    previous_mean: dict[str, torch.Tensor], mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
+) -> float | None:
+    """Pearson correlation over weight elements (tensors with ndim ≥ 2) of Δḡ_j and W_j.
+
+    Δḡ = ḡ(now) − ḡ(previous snapshot); negative early in training (eq. 28, Fig. 7a).
+    """
+    dg, w = [], []
+    for name, m in mean.items():
+        if name not in previous_mean or name not in weights or weights[name].ndim < 2:
+            continue
+        dg.append((m - previous_mean[name]).flatten().to(torch.float64))
+        w.append(weights[name].detach().flatten().to("cpu", torch.float64))
+    if not dg:
+        return None
+    return pearson(torch.cat(dg), torch.cat(w))
+
+
+# ----------------------------------------------------------------------------- helpers
+def library_versions() -> dict[str, str]:
+    """Versions of python, torch, opacus and gsnr_diag for trajectory metadata."""
+    from . import __version__
+
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except Exception:  # noqa: BLE001 - metadata only
+        opacus_version = "unknown"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "gsnr_diag": __version__,
+    }
+
+
+def _infer_task(loss_fn: Any, data: Any) -> str:
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return "classification"
+    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+        return "regression"
+    with torch.random.fork_rng(devices=[]):  # peeking a shuffling DataLoader draws from the RNG
+        for _, y in iter_batches(data, None, None):
+            is_int = not (y.is_floating_point() or y.is_complex())
+            return "classification" if is_int else "regression"
+    return "regression"
+
+
+def evaluate(
+    model: nn.Module, data: Any, loss_fn: Callable, *, batch_size: int | None, device: torch.device, accuracy: bool
+) -> tuple[float | None, float | None]:
+    """(mean loss, accuracy) of ``model`` on ``data`` in eval mode under ``torch.no_grad``.
+
+    The loss is the sample-weighted mean of ``loss_fn``'s batch means; the caller wraps this in
+    :func:`~gsnr_diag.measure.preserved_state` so modes and RNG are restored.
+    """
+    model.eval()
+    total = 0.0
+    correct = 0
+    count = 0
+    with torch.no_grad():
+        for x, y in iter_batches(data, batch_size, device):
+            out = call_model(model, x)
+            b = int(y.shape[0])
+            total += float(loss_fn(out, y)) * b
+            count += b
+            if accuracy:
+                logits = out if isinstance(out, torch.Tensor) else out[0]
+                correct += int((logits.argmax(dim=-1) == y).sum())
+    if count == 0:
+        return None, None
+    return total / count, (correct / count if accuracy else None)
+
+
+# ----------------------------------------------------------------------------- Monitor
+class Monitor:
+    """Record GSNR statistics of ``model`` on ``data`` on a schedule (see the module docstring).
+
+    Args:
+        model: the model being trained; never modified.
+        data: the training data the statistics are measured on (any form
+            :func:`~gsnr_diag.gradient_stats` accepts).
+        loss_fn: ``loss_fn(output, target)`` returning the batch mean; default cross-entropy.
+        test_data: optional held-out data for test loss/accuracy and the generalization gap.
+        every: an int k (record every k steps) or a schedule ``step -> bool`` (:func:`linear`,
+            :func:`logarithmic`).
+        batch_size: chunk size for the measurement (memory bound).
+        path: if given, each snapshot is appended to this JSONL file at once (the file is
+            truncated at construction), so a killed run keeps every finished snapshot.
+        signs: count gradient signs (same-sign fraction); a little slower.
+        task: ``"classification"`` (accuracies recorded) or ``"regression"``; inferred from the
+            loss function or the target dtype when ``None``.
+        mode: measurement mode passed to :func:`~gsnr_diag.gradient_stats` (``"eval"`` default).
+        metadata: extra metadata for the trajectory (e.g. ``{"label": "real"}``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        loss_fn: Callable | None = None,
+        *,
+        test_data: Any = None,
+        every: int | Schedule = 1,
+        batch_size: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+        signs: bool = True,
+        task: str | None = None,
+        mode: str = "eval",
+        metadata: dict[str, Any] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if task is not None and task not in TASKS:
+            raise MonitorError(f"task: expected 'classification', 'regression' or None, got {task!r}")
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.test_data = test_data
+        self.every = every
+        self.schedule = _as_schedule(every)
+        self.batch_size = batch_size
+        self.path = Path(path) if path is not None else None
+        self.signs = signs
+        self.mode = mode
+        self.task = task
+        self.last_stats: GradientStats | None = None
+        self._previous_mean: dict[str, torch.Tensor] | None = None
+        self._header_written = False
+        self._start = time.perf_counter()
+        self.trajectory = Trajectory(metadata=self._initial_metadata(metadata or {}))
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("", encoding="utf-8")
+
+    def _initial_metadata(self, extra: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "model": type(self.model).__name__,
+            "param_counts": {k: p.numel() for k, p in self.model.named_parameters() if p.requires_grad},
+            "n_train": count_samples(self.data),
+            "n_test": count_samples(self.test_data) if self.test_data is not None else None,
+            "task": self.task,
+            "settings": {"every": repr(self.every), "batch_size": self.batch_size, "signs": self.signs, "mode": self.mode},
+            "device": str(model_device(self.model)),
+            "versions": library_versions(),
+            "command": " ".join(sys.argv),
+        }
+        settings = extra.pop("settings", None)
+        meta.update(extra)
+        if isinstance(settings, dict):
+            meta["settings"].update(settings)
+        return meta
+
+    def should_record(self, step: int) -> bool:
+        """Whether the schedule asks for a snapshot at ``step``."""
+        return bool(self.schedule(int(step)))
+
+    def update_metadata(self, **update: Any) -> None:
+        """Merge ``update`` into the trajectory's metadata (``settings`` is merged key by key);
+        appended to the JSONL file when one is being written."""
+        settings = update.pop("settings", None)
+        self.trajectory.metadata.update(update)
+        if isinstance(settings, dict):
+            self.trajectory.metadata.setdefault("settings", {}).update(settings)
+            update["settings"] = dict(self.trajectory.metadata["settings"])
+        if self.path is not None and self._header_written:
+            self._append(metadata_line(update))
+
+    def _append(self, line: str) -> None:
+        assert self.path is not None
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record(self, step: int, *, epoch: float | None = None, **extra: float) -> Snapshot:
+        """Measure at the current weights, append a :class:`Snapshot` (and a JSONL line) and return it.
+
+        ``extra`` numbers (learning rate, batch loss, ...) are stored in ``snapshot.extra``.
+        """
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise MonitorError(f"step: expected a non-negative int, got {step!r}")
+        bad = {k: v for k, v in extra.items() if not isinstance(v, (int, float, np.number, torch.Tensor))}
+        if bad:
+            raise MonitorError(f"record(**extra): values must be numbers, got {bad!r}")
+        if self.task is None:
+            self.task = _infer_task(self.loss_fn, self.data)
+            self.trajectory.metadata["task"] = self.task
+        accuracy = self.task == "classification"
+        stats = gradient_stats(
+            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode
+        )
+        device = model_device(self.model)
+        with preserved_state(self.model):
+            train_loss, train_acc = evaluate(
+                self.model, self.data, self.loss_fn, batch_size=self.batch_size, device=device, accuracy=accuracy
+            )
+            test_loss = test_acc = None
+            if self.test_data is not None:
+                test_loss, test_acc = evaluate(
+                    self.model, self.test_data, self.loss_fn, batch_size=self.batch_size, device=device, accuracy=accuracy
+                )
+        weights = {k: p.detach() for k, p in self.model.named_parameters() if k in stats.mean}
+        corr = None
+        if self._previous_mean is not None:
+            corr = delta_g_weight_corr(self._previous_mean, stats.mean, weights)
+        self._previous_mean = {k: v.clone() for k, v in stats.mean.items() if weights[k].ndim >= 2}
+        self.last_stats = stats
+        gap = None if test_loss is None or train_loss is None else test_loss - train_loss
+        snap = Snapshot(
+            step=int(step),
+            epoch=clean_float(epoch),
+            mean_gsnr=stats.mean_gsnr,
+            gsnr_median=stats.gsnr_quantiles.get("median"),
+            gsnr_p90=stats.gsnr_quantiles.get("p90"),
+            layer_gsnr=dict(stats.layer_gsnr),
+            layer_same_sign=dict(stats.layer_same_sign),
+            osgr=stats.osgr,
+            mean_same_sign=stats.mean_same_sign,
+            opposite_sign=stats.opposite_sign,
+            opposite_sign_top10=stats.opposite_sign_top10,
+            delta_g_weight_corr=corr,
+            train_loss=clean_float(train_loss),
+            test_loss=clean_float(test_loss),
+            generalization_gap=clean_float(gap),
+            train_accuracy=train_acc,
+            test_accuracy=test_acc,
+            elapsed=time.perf_counter() - self._start,
+            undefined=stats.undefined,
+            extra={k: clean_float(float(v)) for k, v in extra.items()},
+        )
+        self.trajectory.snapshots.append(snap)
+        if self.path is not None:
+            if not self._header_written:
+                self._append(header_line(self.trajectory.metadata))
+                self._header_written = True
+            self._append(snapshot_line(snap))
+        return snap

@@ -1,0 +1,93 @@
+"""pytest plugin of gsnr-diag: the ``gsnr`` fixture, ``@pytest.mark.gsnr``, ``--gsnr-*`` options.
+
+Registered through the ``pytest11`` entry point, so pytest imports this module in every run of
+the environment: it holds hooks and the fixture only and imports nothing heavy (no torch,
+matplotlib or weasyprint; see :mod:`gsnr_diag.pytest_support` for the logic, which imports
+those inside the functions that need them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from . import pytest_support as _support
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gsnr", "gsnr-diag: gradient signal-to-noise ratio (GSNR) checks")
+    group.addoption(
+        "--gsnr-device",
+        metavar="DEVICE",
+        default=None,
+        help="torch device to measure and train on in the gsnr fixture (e.g. cpu, cuda, cuda:1); "
+        "default: the model's own device",
+    )
+    group.addoption(
+        "--gsnr-report",
+        metavar="PATH",
+        default=None,
+        help="write a report with one section per test that measured GSNR: HTML, or PDF when PATH ends in .pdf",
+    )
+    group.addoption(
+        "--gsnr-save",
+        metavar="DIR",
+        default=None,
+        help="save every measurement of the gsnr fixture as a run JSON file in DIR (plus DIR/index.json)",
+    )
+    for spec in _support.THRESHOLDS:
+        parser.addini(spec.ini, spec.help, type="linelist" if spec.layered else "string")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _support.MARKER_HELP)
+    config.stash[_support.SESSION_KEY] = _support.GsnrSession(config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    report = yield
+    state = item.config.stash.get(_support.SESSION_KEY, None)
+    if state is not None:
+        state.update_outcome(report)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(_support.SESSION_KEY, None)
+    if state is not None:
+        state.finish()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_support.SESSION_KEY, None)
+    if state is None:
+        return
+    lines = state.summary_lines()
+    if lines:
+        terminalreporter.write_sep("-", "gsnr-diag: gradient signal-to-noise ratio")
+        for line, markup in lines:
+            terminalreporter.write_line(line, **markup)
+    for what, path in state.written:
+        terminalreporter.write_line(f"gsnr-diag: wrote {what}: {path}")
+    for err in state.errors:
+        terminalreporter.write_line(f"gsnr-diag: could not write {err}", red=True)
+
+
+@pytest.fixture
+def gsnr(request: pytest.FixtureRequest) -> _support.GsnrFixture:
+    """Measure GSNR and assert thresholds in a test.
+
+    ``gsnr.stats(model, data, loss_fn=None, **kw)`` → GradientStats,
+    ``gsnr.track(build_model, data, loss_fn=None, *, epochs, **kw)`` → Trajectory,
+    ``gsnr.control(build_model, data, loss_fn=None, *, epochs, **kw)`` → ControlResult,
+    ``gsnr.expect(result, *, min_mean_gsnr=, min_layer_gsnr=, min_same_sign=, min_osgr=)``,
+    ``gsnr.expect_rising(trajectory, *, factor=)``, ``gsnr.expect_control(control, *, min_ratio=)``.
+    Thresholds not passed come from ``@pytest.mark.gsnr(...)``, then from ``gsnr_*`` ini options.
+    """
+    try:
+        return _support.GsnrFixture(request.config.stash[_support.SESSION_KEY], request.node)
+    except ValueError as exc:  # a malformed @pytest.mark.gsnr
+        pytest.fail(str(exc), pytrace=False)
+

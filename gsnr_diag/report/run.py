@@ -1,0 +1,141 @@
+"""The saved run ("run JSON"): everything a report is rendered from, and nothing else.
+
+Format (docs/CONTRACT.md)::
+
+    {"schema_version": 1, "kind": "gsnr-diag-run",
+     "trajectory": Trajectory.to_dict(),
+     "control": ControlResult.to_dict() | None,
+     "osgr": [OSGRResult.to_dict(), ...] | None,
+     "final_stats": GradientStats.aggregates() | None,
+     "metadata": {...}}
+
+The report reads these plain dicts only, so a saved run re-renders without torch
+objects, and a run that crashed half-way (saved as it went) still renders what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrajectoryFormatError
+
+__all__ = ["RUN_SCHEMA_VERSION", "RUN_KIND", "new_run", "save_run", "load_run", "validate_run", "to_plain"]
+
+RUN_SCHEMA_VERSION = 1
+RUN_KIND = "gsnr-diag-run"
+
+
+def to_plain(obj: Any) -> Any:
+    """A JSON-ready copy: objects with ``to_dict()`` are converted, NaN/inf become ``None``."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_plain(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return to_plain(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def new_run(
+    trajectory: Any = None,
+    *,
+    control: Any = None,
+    osgr: Any = None,
+    final_stats: Any = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a run dict from library objects or their dicts (any part may be ``None``)."""
+    if final_stats is not None and hasattr(final_stats, "aggregates"):
+        final_stats = final_stats.aggregates()
+    if osgr is not None and not isinstance(osgr, (list, tuple)):
+        osgr = [osgr]
+    run = {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "kind": RUN_KIND,
+        "trajectory": to_plain(trajectory),
+        "control": to_plain(control),
+        "osgr": to_plain(list(osgr)) if osgr is not None else None,
+        "final_stats": to_plain(final_stats),
+        "metadata": to_plain(dict(metadata or {})),
+    }
+    return run
+
+
+def save_run(run: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the run JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_plain(run), indent=1, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def validate_run(run: Any, source: str = "run") -> dict[str, Any]:
+    """Check the shape of a run dict; raise :class:`TrajectoryFormatError` naming what is wrong."""
+    if not isinstance(run, dict):
+        raise TrajectoryFormatError(f"{source}: expected a JSON object, got {type(run).__name__}")
+    if run.get("kind") != RUN_KIND:
+        raise TrajectoryFormatError(
+            f"{source}: not a gsnr-diag run (\"kind\" is {run.get('kind')!r}, expected {RUN_KIND!r}); "
+            "make one with `gsnr-diag report MODEL_FILE --run-json run.json`"
+        )
+    version = run.get("schema_version")
+    if not isinstance(version, int):
+        raise TrajectoryFormatError(f"{source}: missing or invalid \"schema_version\"")
+    if version > RUN_SCHEMA_VERSION:
+        raise TrajectoryFormatError(
+            f"{source}: schema_version {version} is newer than this gsnr-diag understands "
+            f"({RUN_SCHEMA_VERSION}); upgrade gsnr-diag"
+        )
+    traj = run.get("trajectory")
+    if traj is not None:
+        if not isinstance(traj, dict) or not isinstance(traj.get("snapshots", []), list):
+            raise TrajectoryFormatError(f"{source}: \"trajectory\" must be an object with a \"snapshots\" list")
+        for i, s in enumerate(traj.get("snapshots", [])):
+            if not isinstance(s, dict) or "step" not in s:
+                raise TrajectoryFormatError(f"{source}: snapshot {i} is not an object with a \"step\"")
+    for key in ("control", "final_stats", "metadata"):
+        if run.get(key) is not None and not isinstance(run[key], dict):
+            raise TrajectoryFormatError(f"{source}: \"{key}\" must be an object or null")
+    if run.get("osgr") is not None and not isinstance(run["osgr"], list):
+        raise TrajectoryFormatError(f"{source}: \"osgr\" must be a list or null")
+    return run
+
+
+def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a run JSON written by :func:`save_run`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TrajectoryFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        run = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrajectoryFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return validate_run(run, str(path))

@@ -1,0 +1,233 @@
+"""train(): a small, honest training loop for experiments and the CLI.
+
+* ``batch_size=None``: full-batch gradient descent, the paper's setting (Sec. 2.4, 3.2): one
+  optimizer step per epoch on the gradient of the mean loss over the whole training set
+  (accumulated over memory-sized chunks, weighted by chunk size, so it is exact).
+* ``batch_size=k``: mini-batch SGD over a fresh random permutation each epoch, drawn from a
+  ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched by the shuffling, so
+  two runs with the same seed see the same batch order).
+
+The monitor records at step 0 (before any update), whenever its schedule says so, and at the
+last step. A non-finite loss stops training with a :class:`NonFiniteLossWarning` and the
+trajectory recorded so far is kept (``metadata["stopped"]`` says why).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import click
+import torch
+from torch import nn
+
+from .data import Inputs, call_model, count_samples, iter_batches, tree_map
+from .errors import DataError, ModelError
+from .measure import model_device
+from .monitor import Monitor
+from .trajectory import Trajectory
+
+__all__ = ["train", "NonFiniteLossWarning", "materialize"]
+
+FULL_BATCH_CHUNK = 4096
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+def _cat_inputs(parts: list[Inputs]) -> Inputs:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: _cat_inputs([p[k] for p in parts]) for k in first}
+    return type(first)(_cat_inputs([p[i] for p in parts]) for i in range(len(first)))
+
+
+def materialize(data: Any) -> tuple[Inputs, torch.Tensor]:
+    """Gather any supported data form into one ``(X, Y)`` pair of in-memory tensors."""
+    xs, ys = [], []
+    with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader would draw from the global RNG
+        for x, y in iter_batches(data, None, None):
+            xs.append(x)
+            ys.append(y)
+    if not ys:
+        raise DataError("data: it yielded no samples")
+    return _cat_inputs(xs), torch.cat(ys)
+
+
+def _index(x: Inputs, idx: torch.Tensor) -> Inputs:
+    return tree_map(lambda t: t[idx], x)
+
+
+def _check_loss(loss: Any, step: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        from .errors import LossError
+
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise LossError(f"loss_fn: expected a scalar tensor (the batch mean), got {shape} at step {step}")
+    return loss
+
+
+def train(
+    model: nn.Module,
+    data: Any,
+    loss_fn: Callable | None = None,
+    *,
+    epochs: int,
+    lr: float,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch_size: int | None = None,
+    monitor: Monitor | None = None,
+    test_data: Any = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Trajectory | None:
+    """Train ``model`` in place; return the monitor's trajectory (``None`` without a monitor).
+
+    Args:
+        model: any ``nn.Module``; bring your own initialization (e.g. the small N(0, 0.03²)
+            init of the toy regression) and freeze parameters with ``requires_grad_(False)``.
+        data: training data in any form :func:`~gsnr_diag.gradient_stats` accepts.
+        loss_fn: ``loss_fn(output, target)`` → batch mean; default cross-entropy.
+        epochs: passes over the data (with ``batch_size=None`` = gradient-descent steps).
+        lr: learning rate of the default optimizer, plain ``torch.optim.SGD`` (no momentum).
+        optimizer: your own optimizer over ``model``'s parameters (``lr`` is then only recorded).
+        batch_size: ``None`` for full-batch gradient descent, else mini-batch SGD.
+        monitor: a :class:`~gsnr_diag.monitor.Monitor` on ``model``; records at step 0, on its
+            schedule (steps = optimizer updates) and after the last step.
+        test_data: held-out data handed to the monitor when it has none.
+        seed: seeds the batch shuffling (a private ``torch.Generator``).
+        progress: show a click progress bar on stderr.
+
+    The model is left in the train/eval mode it came in.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise DataError(f"epochs: expected a non-negative int, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise DataError(f"lr: expected a positive number, got {lr!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise DataError(f"batch_size: expected a positive int or None (full-batch GD), got {batch_size!r}")
+    if monitor is not None and monitor.model is not model:
+        raise ModelError("monitor: it watches a different model than the one being trained")
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("model: it has no trainable parameters (every parameter has requires_grad=False)")
+    if optimizer is None:
+        optimizer = torch.optim.SGD(params, lr=lr)
+    device = model_device(model)
+
+    full_batch = batch_size is None
+    if full_batch:
+        n = count_samples(data)
+        steps_per_epoch = 1
+        X = Y = None
+    else:
+        X, Y = materialize(data)
+        X = tree_map(lambda t: t.to(device), X)
+        Y = Y.to(device)
+        n = int(Y.shape[0])
+        steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+
+    if monitor is not None:
+        if monitor.test_data is None and test_data is not None:
+            monitor.test_data = test_data
+            monitor.trajectory.metadata["n_test"] = count_samples(test_data)
+        monitor.update_metadata(
+            seed=seed,
+            settings={
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": batch_size,
+                "optimizer": type(optimizer).__name__,
+                "algorithm": "full-batch GD" if full_batch else "mini-batch SGD",
+                "steps": total,
+            },
+        )
+    generator = torch.Generator().manual_seed(seed)
+    modes = [(m, m.training) for m in model.modules()]
+    last_recorded = -1
+    step = 0
+    bar = click.progressbar(length=total, label="training", file=sys.stderr) if progress else None
+    try:
+        if bar is not None:
+            bar.__enter__()
+        if monitor is not None:
+            monitor.record(0, epoch=0.0)
+            last_recorded = 0
+        for epoch in range(epochs):
+            if full_batch:
+                batches = [None]
+            else:
+                perm = torch.randperm(n, generator=generator).to(device)
+                batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+            for idx in batches:
+                model.train()
+                optimizer.zero_grad(set_to_none=True)
+                if idx is None:
+                    loss_value = _full_batch_backward(model, data, loss_fn, n, device, step)
+                else:
+                    loss = _check_loss(loss_fn(call_model(model, _index(X, idx)), Y[idx]), step)
+                    loss_value = float(loss.detach())
+                    if math.isfinite(loss_value):
+                        loss.backward()
+                if not math.isfinite(loss_value):
+                    msg = (
+                        f"training stopped: the loss is {loss_value} at step {step} (epoch {epoch}); "
+                        f"lr={lr} may be too large. The trajectory recorded so far ({len(monitor.trajectory) if monitor else 0} "
+                        "snapshot(s)) is kept."
+                    )
+                    warnings.warn(msg, NonFiniteLossWarning, stacklevel=2)
+                    if monitor is not None:
+                        monitor.update_metadata(stopped=msg)
+                    return monitor.trajectory if monitor is not None else None
+                optimizer.step()
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                if monitor is not None and monitor.should_record(step):
+                    _restore_modes(modes)
+                    monitor.record(step, epoch=step / steps_per_epoch, batch_loss=loss_value)
+                    last_recorded = step
+        if monitor is not None and last_recorded != step:
+            _restore_modes(modes)
+            monitor.record(step, epoch=step / steps_per_epoch)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+        _restore_modes(modes)
+    return monitor.trajectory if monitor is not None else None
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in modes:
+        m.training = flag
+
+
+def _full_batch_backward(model: nn.Module, data: Any, loss_fn: Callable, n: int | None, device, step: int) -> float:
+    """Accumulate ∇ of the mean loss over all of ``data`` into ``.grad``; return the mean loss.
+
+    Chunks are weighted by their size so the result is the exact full-data gradient g_D (eq. 5).
+    """
+    if n is None:  # unknown size: count first (no gradient work)
+        n = sum(int(y.shape[0]) for _, y in iter_batches(data, FULL_BATCH_CHUNK, None))
+    if n == 0:
+        raise DataError("data: it yielded no samples")
+    total = 0.0
+    for x, y in iter_batches(data, FULL_BATCH_CHUNK, device):
+        b = int(y.shape[0])
+        loss = _check_loss(loss_fn(call_model(model, x), y), step)
+        value = float(loss.detach())
+        total += value * b
+        if not math.isfinite(value):
+            return value
+        (loss * (b / n)).backward()
+    return total / n
