@@ -74,5 +74,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
 # --- dynamics exports (issue 3: monitor, trajectory, training, experiments) ---
 
 # --- report exports (issue 4) ---
+_lazy(".report", "render_html", "render_pdf", "load_run", "save_run", "new_run")
 
 # --- plugin exports (issue 5) ---

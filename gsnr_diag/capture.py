@@ -37,7 +37,7 @@ from torch import nn
 from .data import Inputs, call_model, tree_map
 from .errors import LossError, ModelError, NonFiniteGradientError
 from .moments import ChunkMoments, Moments
-from .rules import find_grad_sampler, find_moment_rule
+from .rules import DEFAULT_MAX_MEMORY_MB, find_grad_sampler, find_moment_rule, sample_blocks
 
 PATH_RULE = "moment-rule"
 PATH_SAMPLER = "grad-sampler"
@@ -69,8 +69,11 @@ class GradientCapture:
     All hooks are removed on exit; ``.grad`` and the parameters are never written.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, signs: bool = True, skip_nonfinite: bool = False):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, signs: bool = True, skip_nonfinite: bool = False,
+                 max_memory_mb: float | None = None):
         self.model = model
+        # Bound on the bytes of one materialized block (per-sample gradients, unfolded inputs).
+        self.budget = float(max_memory_mb if max_memory_mb is not None else DEFAULT_MAX_MEMORY_MB) * 2**20
         self.loss_fn = loss_fn
         self.signs = signs
         self.skip_nonfinite = skip_nonfinite
@@ -155,12 +158,14 @@ class GradientCapture:
                 break
         else:  # pragma: no cover - the plan can only shrink, so this cannot loop forever
             raise RuntimeError("gsnr-diag could not settle a capture plan")
-        bad = [k for k, c in result.items() if not (torch.isfinite(c.mean).all() and torch.isfinite(c.m2).all())]
+        # A NaN/inf anywhere makes the sum non-finite (M2 ≥ 0, so only an overflow of finite values
+        # could raise a false alarm, which _handle_nonfinite then resolves exactly).
+        bad = [k for k, c in result.items() if not bool(torch.isfinite(c.mean.sum() + c.m2.sum()))]
         if bad:
             self._handle_nonfinite(x, y, batch, moments)
             return
         for k, c in result.items():
-            moments.add(k, c)
+            moments.add(k, c, copy=False)  # the chunk's tensors are fresh and not used again
 
     def _forward_loss(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         try:
@@ -205,10 +210,11 @@ class GradientCapture:
             finally:
                 self._enabled = False
             plist = [self.params[k] for k in hooked]
+            uses = _parameter_uses(loss)
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
             batch_grad = {k: g for k, g in zip(hooked, grads)}
             del loss
-            result, moved = self._from_hooks(batch, batch_grad)
+            result, moved = self._from_hooks(batch, batch_grad, uses)
             for info in self._modules.values():
                 info.calls.clear()
             if moved:
@@ -216,14 +222,22 @@ class GradientCapture:
                 return None
         fallback = [k for k in self.params if k in self._fallback]
         if fallback:
-            for k, g in self._per_sample_fallback(x, y, fallback).items():
-                result[k] = ChunkMoments.from_samples(g, self.signs)
+            # Per-sample gradients of the fallback parameters, block by block over the samples.
+            per_sample_bytes = 3 * 8 * sum(self.params[k].numel() for k in fallback)
+            acc: dict[str, ChunkMoments] = {}
+            for s, e in sample_blocks(batch, per_sample_bytes, self.budget):
+                xs, ys = (x, y) if e - s == batch else (tree_map(lambda t: t[s:e], x), y[s:e])
+                for k, g in self._per_sample_fallback(xs, ys, fallback).items():
+                    c = ChunkMoments.from_samples(g, self.signs)
+                    acc[k] = acc[k].combine(c) if k in acc else c
+            result.update(acc)
         return result
 
-    def _from_hooks(self, batch: int, batch_grad: dict[str, torch.Tensor | None]):
+    def _from_hooks(self, batch: int, batch_grad: dict[str, torch.Tensor | None], uses: dict[int, int]):
         result: dict[str, ChunkMoments] = {}
-        per_sample: dict[str, torch.Tensor] = {}
+        sampler_jobs: list = []
         moved: set[str] = set()
+        trusted: set[str] = set()  # Σg taken from the batch gradient by a rule (checked by graph uses instead)
         for info in self._modules.values():
             names = [k for k in info.params if k not in self._fallback]
             if not names:
@@ -243,10 +257,21 @@ class GradientCapture:
             rule = find_moment_rule(module)
             done = False
             if len(calls) == 1 and not shared and rule is not None:
-                out = rule(module, calls[0].activations, calls[0].backprops * batch, self.signs)
+                sums = _Sums({self.params[k]: batch_grad[k] * batch for k in names if batch_grad.get(k) is not None})
+                out = rule(module, calls[0].activations, calls[0].backprops * batch, self.signs,
+                           budget=self.budget, sums=sums)
                 if out is not None:
                     for p, c in out.items():
-                        result[self._name_of[id(p)]] = c
+                        k = self._name_of.get(id(p))
+                        if k in names:  # not those already moved to the fallback
+                            result[k] = c
+                    for k in names:
+                        # A rule sees one call of its module; a parameter that autograd reaches by
+                        # any other route (used outside the module) cannot take this path.
+                        if uses.get(id(self.params[k]), 0) != 1:
+                            moved.add(k)
+                        elif id(self.params[k]) in sums.used:
+                            trusted.add(k)
                     self.paths[info.name] = PATH_RULE
                     done = True
             if not done:
@@ -255,15 +280,10 @@ class GradientCapture:
                     moved.update(names)
                     self.paths[info.name] = self._fallback_method
                     continue
-                for c in calls:
-                    for p, gs in sampler(module, c.activations, c.backprops * batch).items():
-                        k = self._name_of.get(id(p))
-                        if k is None or k in self._fallback:
-                            continue
-                        per_sample[k] = per_sample[k] + gs if k in per_sample else gs
+                sampler_jobs.append((module, sampler, calls, names))
                 self.paths[info.name] = PATH_SAMPLER
-        for k, g in per_sample.items():
-            result[k] = ChunkMoments.from_samples(g, self.signs)
+        if sampler_jobs:
+            result.update(self._sampler_moments(batch, sampler_jobs))
         # Parameters owned by hooked modules that never ran (or ran outside the loss): zero gradient.
         for k in self._hooked_names():
             if k not in result and k not in moved:
@@ -272,7 +292,7 @@ class GradientCapture:
                                          zeros.clone() if self.signs else None)
         # Consistency check: the hook path must add up to the batch gradient.
         for k, c in result.items():
-            if k in moved:
+            if k in moved or k in trusted:
                 continue
             g = batch_grad.get(k)
             total = c.mean * batch
@@ -289,6 +309,35 @@ class GradientCapture:
                 if k in info.params:
                     self.paths[info.name] = self._fallback_method
         return result, moved
+
+    def _sampler_moments(self, batch: int, jobs: list) -> dict[str, ChunkMoments]:
+        """Moments from grad samplers, block by block over the samples (≤ ``self.budget`` bytes).
+
+        Per-sample gradients of a parameter are summed over its module's calls and over the
+        modules that share it (tied weights) before they are squared.
+        """
+        numel = sum(self.params[k].numel() for _, _, _, names in jobs for k in names)
+        acc: dict[str, ChunkMoments] = {}
+        for s, e in sample_blocks(batch, 3 * 8 * numel, self.budget):
+            whole = e - s == batch
+            block: dict[str, torch.Tensor] = {}
+            for module, sampler, calls, _names in jobs:
+                for c in calls:
+                    acts = c.activations if whole else [
+                        a[s:e] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == batch else a
+                        for a in c.activations
+                    ]
+                    bp = c.backprops if whole else c.backprops[s:e]
+                    for p, gs in sampler(module, acts, bp * batch).items():
+                        k = self._name_of.get(id(p))
+                        if k is None or k in self._fallback:
+                            continue
+                        block[k] = block[k] + gs if k in block else gs
+            for k, g in block.items():
+                cm = ChunkMoments.from_samples(g, self.signs)
+                acc[k] = acc[k].combine(cm) if k in acc else cm
+            del block
+        return acc
 
     # --- fallback: per-sample gradients of the whole model ------------------------------
     def _per_sample_fallback(self, x: Inputs, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -372,6 +421,45 @@ class GradientCapture:
         if keep.numel():
             for k, g in per_sample.items():
                 moments.add(k, ChunkMoments.from_samples(g[keep.to(g.device)], self.signs))
+
+
+class _Sums(dict):
+    """Σ_i g_i from the batch gradient, keyed by parameter; records which ones a rule used."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.used: set[int] = set()
+
+    def get(self, key, default=None):
+        if key in self:
+            self.used.add(id(key))
+        return super().get(key, default)
+
+
+def _parameter_uses(loss: torch.Tensor) -> dict[int, int]:
+    """{id(parameter): number of autograd edges into it} in the graph of ``loss``.
+
+    Each call of a layer with a moment rule reaches each of its parameters through exactly one
+    edge, so a count above one means the parameter is also used outside that call.
+    """
+    uses: dict[int, int] = {}
+    root = loss.grad_fn
+    if root is None:
+        return uses
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
 
 
 def _describe(obj: Any) -> str:

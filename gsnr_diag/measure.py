@@ -71,6 +71,7 @@ def gradient_stats(
     skip_nonfinite: bool = False,
     distributed: bool = False,
     process_group: Any = None,
+    max_memory_mb: float | None = None,
 ) -> GradientStats:
     """Measure per-parameter gradient statistics of ``model`` on ``data`` at the current weights.
 
@@ -95,6 +96,10 @@ def gradient_stats(
             instead of raising :class:`~gsnr_diag.errors.NonFiniteGradientError`.
         distributed: all-reduce the moments over ``torch.distributed`` ranks, so every rank
             gets the statistics of the union of the shards.
+        max_memory_mb: bound on the extra memory of the blocks materialized while reducing a
+            chunk (per-sample gradients, unfolded convolution inputs): each layer is processed
+            in blocks of samples sized to fit. Default 512 MB. It does not bound the forward and
+            backward pass of a chunk itself (set ``batch_size`` for that).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +109,8 @@ def gradient_stats(
         loss_fn = nn.CrossEntropyLoss()
     if not callable(loss_fn):
         raise ModelError(f"loss_fn: expected a callable loss_fn(output, target), got {type(loss_fn).__name__}")
+    if max_memory_mb is not None and not (isinstance(max_memory_mb, (int, float)) and max_memory_mb > 0):
+        raise ModelError(f"max_memory_mb: expected a positive number of megabytes, got {max_memory_mb!r}")
     if epsilon < 0:
         raise ModelError(f"epsilon: expected a non-negative number, got {epsilon!r}")
 
@@ -121,7 +128,7 @@ def gradient_stats(
             _check_train_mode(work)
         moments = Moments(signs=signs)
         with torch.enable_grad(), GradientCapture(
-            work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite
+            work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
         ) as capture:
             for x, y in iter_batches(data, batch_size, target):
                 capture.measure_chunk(x, y, moments)

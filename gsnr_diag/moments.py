@@ -19,7 +19,10 @@ __all__ = ["ChunkMoments", "Moments", "all_reduce_moments"]
 
 @dataclass
 class ChunkMoments:
-    """Moments of one parameter over one chunk of samples (float64, on any device)."""
+    """Moments of one parameter over one chunk of samples (float64, on any device).
+
+    ``pos``/``neg`` (counts) may be of an integer dtype; :class:`Moments` stores them as float64.
+    """
 
     count: int
     mean: torch.Tensor
@@ -53,16 +56,19 @@ class ChunkMoments:
         Within one chunk M2 = Σg² − (Σg)²/B; the float64 sums keep this exact to far
         below float32 resolution, and chunks are then merged with Chan's formula.
         """
-        total = total.to(torch.float64)
-        mean = total / count
-        m2 = (total_sq.to(torch.float64) - total * mean).clamp_(min=0.0)
-        return cls(
-            int(count),
-            mean,
-            m2,
-            None if pos is None else pos.to(torch.float64),
-            None if neg is None else neg.to(torch.float64),
-        )
+        # ḡ = Σg / B and M2 = Σg² − B·ḡ², each formed in one new float64 tensor.
+        mean = total.to(torch.float64, copy=True).div_(count)
+        m2 = total_sq.to(torch.float64, copy=True).addcmul_(mean, mean, value=-float(count)).clamp_(min=0.0)
+        return cls(int(count), mean, m2, pos, neg)
+
+
+    def combine(self, other: "ChunkMoments") -> "ChunkMoments":
+        """Moments of the union of two chunks of samples of the same parameter (Chan's merge)."""
+        n, mean, m2 = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        pos = neg = None
+        if self.pos is not None and other.pos is not None:
+            pos, neg = self.pos + other.pos, self.neg + other.neg
+        return ChunkMoments(n, mean, m2, pos, neg)
 
 
 def _chan(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):
@@ -89,23 +95,33 @@ class Moments:
         """Number of samples seen (the same for every parameter)."""
         return next(iter(self.count.values()), 0)
 
-    def add(self, name: str, chunk: ChunkMoments) -> None:
-        """Merge one chunk's moments of parameter ``name`` (Chan's parallel formula)."""
+    def add(self, name: str, chunk: ChunkMoments, *, copy: bool = True) -> None:
+        """Merge one chunk's moments of parameter ``name`` (Chan's parallel formula).
+
+        ``copy=False`` lets the accumulator take over the chunk's tensors (the caller must
+        not use them afterwards); merging is done in place either way.
+        """
         if chunk.count == 0:
             return
         if name not in self.count:
+            own = (lambda t: t) if not copy else (lambda t: t.clone())  # noqa: E731
             self.count[name] = chunk.count
-            self.mean[name] = chunk.mean.to(torch.float64).clone()
-            self.m2[name] = chunk.m2.to(torch.float64).clone()
+            self.mean[name] = own(chunk.mean.to(torch.float64))
+            self.m2[name] = own(chunk.m2.to(torch.float64))
             if self.signs:
-                self.pos[name] = _require(chunk.pos, name).clone()
-                self.neg[name] = _require(chunk.neg, name).clone()
+                self.pos[name] = own(_require(chunk.pos, name))
+                self.neg[name] = own(_require(chunk.neg, name))
             return
-        n, mean, m2 = _chan(self.count[name], self.mean[name], self.m2[name], chunk.count, chunk.mean, chunk.m2)
-        self.count[name], self.mean[name], self.m2[name] = n, mean, m2
+        # Chan's formula, in place: δ = mean_b − mean_a; mean += δ·n_b/n; M2 += M2_b + δ²·n_a·n_b/n.
+        count_a, count_b = self.count[name], chunk.count
+        n = count_a + count_b
+        delta = chunk.mean.to(torch.float64) - self.mean[name]
+        self.mean[name].add_(delta, alpha=count_b / n)
+        self.m2[name].add_(chunk.m2.to(torch.float64)).addcmul_(delta, delta, value=count_a * count_b / n)
+        self.count[name] = n
         if self.signs:
-            self.pos[name] += _require(chunk.pos, name)
-            self.neg[name] += _require(chunk.neg, name)
+            self.pos[name].add_(_present(chunk.pos, name))
+            self.neg[name].add_(_present(chunk.neg, name))
 
     def merge(self, other: "Moments") -> "Moments":
         """Merge another accumulator into this one (in place) and return self."""
@@ -126,6 +142,12 @@ class Moments:
         """A copy with every tensor on ``device``."""
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return Moments(self.signs, dict(self.count), move(self.mean), move(self.m2), move(self.pos), move(self.neg))
+
+
+def _present(t: torch.Tensor | None, name: str) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"moments of {name!r} carry no sign counts but signs=True")
+    return t
 
 
 def _require(t: torch.Tensor | None, name: str) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Registered through the ``pytest11`` entry point, so pytest imports this module in every run of
 the environment: it holds hooks and the fixture only and imports nothing heavy (no torch,
-matplotlib or weasyprint; see :mod:`gsnr_diag.pytest_support` for the logic, which imports
-those inside the functions that need them).
+matplotlib or weasyprint). The logic is in :mod:`gsnr_diag.pytest_support` (options, thresholds,
+session, summary) and :mod:`gsnr_diag.pytest_checks` (the fixture's object, messages, JSON,
+report), which is imported only when a test uses the fixture.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 @pytest.fixture
-def gsnr(request: pytest.FixtureRequest) -> _support.GsnrFixture:
+def gsnr(request: pytest.FixtureRequest) -> Any:
     """Measure GSNR and assert thresholds in a test.
 
     ``gsnr.stats(model, data, loss_fn=None, **kw)`` → GradientStats,
@@ -87,7 +88,7 @@ def gsnr(request: pytest.FixtureRequest) -> _support.GsnrFixture:
     Thresholds not passed come from ``@pytest.mark.gsnr(...)``, then from ``gsnr_*`` ini options.
     """
     try:
-        return _support.GsnrFixture(request.config.stash[_support.SESSION_KEY], request.node)
+        return _support.make_fixture(request.config, request.node)
     except ValueError as exc:  # a malformed @pytest.mark.gsnr
         pytest.fail(str(exc), pytrace=False)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Sequence
 
 __all__ = [
@@ -107,6 +108,8 @@ def _to_svg(fig) -> str:
     # Drop the XML prolog and DOCTYPE: the SVG is embedded inline in HTML.
     start = text.find("<svg")
     svg = text[start:] if start >= 0 else text
+    # The RDF metadata block (creator, format) is dead weight inline.
+    svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, count=1, flags=re.S)
     # Let CSS size the figure: keep the viewBox, make it scale to the column width.
     svg = svg.replace("<svg ", '<svg class="figure-svg" preserveAspectRatio="xMidYMid meet" ', 1)
     return svg
@@ -120,7 +123,7 @@ def line_figure(
     right_ylabel: str | None = None,
     log: bool = False,
     hline: tuple[float, str] | None = None,
-    height: float = 3.0,
+    height: float = 3.4,
 ) -> str:
     """Line plot of one or more series (optional right axis, log scale, reference line) as SVG."""
     matplotlib, _, _ = _mpl()
@@ -163,7 +166,8 @@ def line_figure(
         if ax2 is not None and right_ylabel:
             ax2.set_ylabel(right_ylabel)
         if handles:
-            ax.legend(handles=handles, loc="best", frameon=True, framealpha=0.85)
+            # Below the axes, outside the data: never hides a curve.
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), frameon=False)
         return _to_svg(fig)
 
 

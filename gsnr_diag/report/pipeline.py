@@ -215,25 +215,12 @@ def run_report(
 
     try:
         if run_control:
-            from ..experiments.control import shuffled_label_control
-
-            echo("training on real and on shuffled labels (the control) ...")
-
-            def build():
-                torch.manual_seed(settings.seed)
-                return mf.build().to(device)
-
-            result = shuffled_label_control(
-                build, train_data, loss_fn, epochs=settings.epochs, lr=settings.lr, seed=settings.seed,
-                test_data=test_data, batch_size=settings.batch_size, every=schedule,
-                progress=progress, **_control_extra_kwargs(mf, optimizer_for),
-            )
-            state["control"] = result
-            state["trajectory"] = result.real
-            final = getattr(result, "real_final_stats", None)
+            final = _train_with_control(mf, model, train_data, test_data, loss_fn, settings, schedule, state,
+                                        SavingMonitor, optimizer_for, progress, echo)
         else:
             monitor = SavingMonitor(model, train_data, loss_fn, test_data=test_data, every=schedule,
-                                    batch_size=settings.measure_batch_size, task=task)
+                                    batch_size=settings.measure_batch_size, task=task,
+                                    metadata={"label": "real"})
             state["live"] = monitor
             echo("training ...")
             train(model, train_data, loss_fn, epochs=settings.epochs, lr=settings.lr, optimizer=optimizer_for(model),
@@ -273,8 +260,52 @@ def run_report(
     return save(partial=bool(stopped), stopped=stopped)
 
 
-def _control_extra_kwargs(mf: ModelFile, optimizer_for) -> dict[str, Any]:
-    return {}
+def _train_with_control(mf, model, train_data, test_data, loss_fn, settings, schedule, state, SavingMonitor,
+                        optimizer_for, progress, echo):
+    """The shuffled-label control (Sec. 3.1), with the model file's optimizer and saving after every snapshot.
+
+    Same as :func:`gsnr_diag.experiments.control.shuffled_label_control` (whose helpers it uses:
+    identical initial weights, labels permuted with ``seed + 1``, the same batch order), but each
+    run trains with ``make_optimizer`` when the file defines one, and the run JSON is updated
+    after every snapshot so an interrupted control keeps what it measured.
+    """
+    import copy
+
+    import torch
+
+    from ..experiments.control import ControlResult, check_classification, control_verdict, corrupt_labels, gsnr_ratio
+    from ..training import materialize, train
+
+    X, Y = materialize(train_data)
+    check_classification(Y, "the shuffled-label control (--control)")
+    label_noise = 1.0
+    Y_bad = corrupt_labels(Y, label_noise, torch.Generator().manual_seed(settings.seed + 1))
+    twin = copy.deepcopy(model)
+    runs = {}
+    final = None
+    for label, m, y in (("real", model, Y), ("shuffled", twin, Y_bad)):
+        echo(f"training on {label} labels{' (the control)' if label == 'shuffled' else ''} ...")
+        monitor = SavingMonitor(
+            m, (X, y), loss_fn, test_data=test_data, every=schedule, batch_size=settings.measure_batch_size,
+            task="classification",
+            metadata={"label": label, "settings": {"label_noise": label_noise if label != "real" else 0.0}},
+        )
+        if label == "real":
+            state["live"] = monitor
+        train(m, (X, y), loss_fn, epochs=settings.epochs, lr=settings.lr, optimizer=optimizer_for(m),
+              batch_size=settings.batch_size, monitor=monitor, seed=settings.seed, progress=progress)
+        runs[label] = monitor.trajectory
+        if label == "real":
+            state["trajectory"] = monitor.trajectory
+            final = monitor.last_stats
+            if final is not None:
+                final._weights = {k: p.detach() for k, p in m.named_parameters() if k in final.mean}  # noqa: SLF001
+            state["live"] = None
+    steps, ratio = gsnr_ratio(runs["real"], runs["shuffled"])
+    final_ratio, peak, verdict = control_verdict(steps, ratio)
+    state["control"] = ControlResult(runs["real"], runs["shuffled"], steps, ratio, final_ratio, peak, verdict,
+                                     label_noise)
+    return final
 
 
 def _run_osgr(osgr_experiment, mf: ModelFile, train_data, loss_fn, settings: ReportSettings, n_train: int | None):
@@ -284,13 +315,17 @@ def _run_osgr(osgr_experiment, mf: ModelFile, train_data, loss_fn, settings: Rep
     M = settings.osgr_sets
     if not n_train:
         raise DataError("--osgr-sets: the training data has no known size")
-    n = min(500, n_train // (M + 1))
+    n = min(200, n_train // (M + 1))
     test_size = min(n_train - M * n, 1000)
     if n < 2 or test_size < 1:
         raise DataError(f"--osgr-sets {M}: {n_train} training samples are too few for {M} sets plus a test set")
-    epochs = max(10, min(50, settings.epochs * 5))
-    record_at = sorted({0, 1, 2, 5, 10, 20, epochs // 2, epochs - 1} & set(range(epochs)))
+    epochs = 21
+    record_at = [0, 1, 2, 5, 10, 20]
+
+    def build():
+        return call_user(mf.build_model, f"build_model() in {mf.path.name}", user_files=mf.user_files)
+
     return osgr_experiment(
-        mf.build_model, train_data, loss_fn, n=n, M=M, test_size=test_size, lr=settings.lr, epochs=epochs,
-        record_at=record_at, seed=settings.seed,
+        build, train_data, loss_fn, n=n, M=M, test_size=test_size, lr=settings.lr, epochs=epochs,
+        record_at=record_at, seed=settings.seed, measure_batch_size=settings.measure_batch_size,
     )

@@ -311,7 +311,7 @@ def _headline(metrics: list[Metric]) -> tuple[str, str, str]:
     if not counted:
         return "Not enough data for a verdict", "n/a", detail
     if bad >= 2 or (control is not None and control.status == "bad"):
-        return "Signs of memorization rather than generalizable features", "bad", detail
+        return "Little evidence of generalizable features: signs of memorization", "bad", detail
     if good >= max(1, (len(counted) + 1) // 2) and bad == 0:
         return "Learning features that generalize", "good", detail
     return "Mixed evidence: partly generalizable features", "watch", detail
@@ -404,8 +404,9 @@ def _figures(run: dict[str, Any]) -> list[FigureView]:
         FigureView(
             "fig-heatmap",
             "Per-layer GSNR, layers × steps",
-            figures.heatmap_figure(layers, steps, matrix, xlabel="training step") if has_heat else None,
-            "Mean GSNR of each parameter tensor at each snapshot.",
+            figures.heatmap_figure(layers, steps, matrix, xlabel="snapshot (labelled with its training step)") if has_heat else None,
+            "Mean GSNR of each parameter tensor at each snapshot; one column per snapshot, so early, densely "
+            "recorded steps get as much room as later ones.",
             GUIDES["heatmap"],
             None if has_heat else "No per-layer GSNR was recorded in this run.",
         )
@@ -601,7 +602,7 @@ def build_view(run: dict[str, Any]) -> ReportView:
     total_params = sum(int(v) for v in counts.values() if _num(v) is not None) if counts else None
     model = str(meta.get("model") or "model")
     header = [
-        KeyValue("Model", model),
+        KeyValue("Model file" if meta.get("model_file") else "Model", str(meta.get("model_file") or model)),
         KeyValue("Parameters", fmt_int(total_params) if total_params is not None else "–"),
         KeyValue("Training samples", fmt_int(meta.get("n_train"))),
         KeyValue("Test samples", fmt_int(meta.get("n_test")) if meta.get("n_test") else "none"),
