@@ -98,15 +98,21 @@ def method_plain(model, X, Y, loss_fn):
     return step
 
 
-def method_gsnr(model, X, Y, loss_fn, signs=True):
-    """gsnr-diag's per-chunk work: hooks, one backward, moment rules, merge into the float64 Moments."""
+def method_gsnr(model, X, Y, loss_fn, signs=True, fresh=False):
+    """gsnr-diag's per-chunk work: hooks, one backward, moment rules, merge into the float64 Moments.
+
+    ``fresh=False``: every step is one more chunk of a long call (a data set of many batches),
+    merged into the same accumulators (Chan's formula). ``fresh=True``: every step starts new
+    accumulators (a call on a single batch; the accumulators are allocated every time).
+    """
     from gsnr_diag.capture import GradientCapture
     from gsnr_diag.moments import Moments
 
     cap = GradientCapture(model, loss_fn, signs=signs).__enter__()
+    moments = Moments(signs=signs)
 
     def step():
-        cap.measure_chunk(X, Y, Moments(signs=signs))
+        cap.measure_chunk(X, Y, Moments(signs=signs) if fresh else moments)
 
     step.capture = cap
     return step
@@ -238,6 +244,7 @@ METHODS = {
     "plain": method_plain,
     "gsnr-diag": method_gsnr,
     "gsnr-diag signs=False": lambda *a: method_gsnr(*a, signs=False),
+    "gsnr-diag one batch": lambda *a: method_gsnr(*a, fresh=True),
     "gsnr-diag gradient_stats()": method_gsnr_e2e,
     "opacus": method_opacus,
     "torch.func": method_functorch,

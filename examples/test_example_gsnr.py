@@ -58,12 +58,12 @@ def test_gradients_agree_at_initialization(gsnr, data):
 
 def test_mean_gsnr_rises_while_learning_features(gsnr, data):
     """Train with full-batch gradient descent and record GSNR every 10 steps: a Trajectory."""
-    trajectory = gsnr.track(build_model, data, epochs=60, lr=0.5, every=10)
+    trajectory = gsnr.track(build_model, data, epochs=40, lr=0.5, every=10)
     assert trajectory.snapshots[-1].train_accuracy > 0.95
     gsnr.expect_rising(trajectory, factor=1.2)  # peak mean GSNR >= 1.2 x its value at step 0
 
 
 def test_real_labels_beat_shuffled_labels(gsnr, data):
     """The shuffled-label control: same initialization, real vs randomly permuted labels."""
-    control = gsnr.control(build_model, data, epochs=60, lr=0.5, every=10)
+    control = gsnr.control(build_model, data, epochs=40, lr=0.5, every=10)
     gsnr.expect_control(control)  # min_ratio=3.0 from the marker: real/shuffled mean-GSNR ratio at its peak

@@ -72,6 +72,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .stats import GradientStats  # noqa: F401
 
 # --- dynamics exports (issue 3: monitor, trajectory, training, experiments) ---
+_lazy(".experiments", "ControlResult", "OSGRPool", "OSGRResult", "osgr_experiment", "pool_osgr", "shuffled_label_control")
+_lazy(".monitor", "Monitor", "linear", "logarithmic")
+_lazy(".trajectory", "Snapshot", "Trajectory")
+_lazy(".training", "train")
 
 # --- report exports (issue 4) ---
 _lazy(".report", "render_html", "render_pdf", "load_run", "save_run", "new_run")

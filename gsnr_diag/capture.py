@@ -111,6 +111,7 @@ class GradientCapture:
         self._fallback_method = PATH_FUNCTORCH
         self._handles: list = []
         self._enabled = False
+        self._scratch: dict = {}  # work buffers the rules keep across chunks (freed on exit)
 
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> "GradientCapture":
@@ -123,6 +124,7 @@ class GradientCapture:
             h.remove()
         self._handles.clear()
         self._enabled = False
+        self._scratch.clear()
         for info in self._modules.values():
             info.calls.clear()
 
@@ -165,7 +167,7 @@ class GradientCapture:
             self._handle_nonfinite(x, y, batch, moments)
             return
         for k, c in result.items():
-            moments.add(k, c, copy=False)  # the chunk's tensors are fresh and not used again
+            moments.add(k, c, consume=True)  # copies on a first chunk: rules may return work buffers
 
     def _forward_loss(self, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         try:
@@ -237,7 +239,7 @@ class GradientCapture:
         result: dict[str, ChunkMoments] = {}
         sampler_jobs: list = []
         moved: set[str] = set()
-        trusted: set[str] = set()  # Σg taken from the batch gradient by a rule (checked by graph uses instead)
+        trusted: set[str] = set()  # mean taken from the batch gradient by a rule (checked by graph uses instead)
         for info in self._modules.values():
             names = [k for k in info.params if k not in self._fallback]
             if not names:
@@ -257,9 +259,9 @@ class GradientCapture:
             rule = find_moment_rule(module)
             done = False
             if len(calls) == 1 and not shared and rule is not None:
-                sums = _Sums({self.params[k]: batch_grad[k] * batch for k in names if batch_grad.get(k) is not None})
+                grads = _Grads({self.params[k]: batch_grad[k] for k in names if batch_grad.get(k) is not None})
                 out = rule(module, calls[0].activations, calls[0].backprops * batch, self.signs,
-                           budget=self.budget, sums=sums)
+                           budget=self.budget, grads=grads, scratch=self._scratch)
                 if out is not None:
                     for p, c in out.items():
                         k = self._name_of.get(id(p))
@@ -270,7 +272,7 @@ class GradientCapture:
                         # any other route (used outside the module) cannot take this path.
                         if uses.get(id(self.params[k]), 0) != 1:
                             moved.add(k)
-                        elif id(self.params[k]) in sums.used:
+                        elif id(self.params[k]) in grads.used:
                             trusted.add(k)
                     self.paths[info.name] = PATH_RULE
                     done = True
@@ -423,8 +425,8 @@ class GradientCapture:
                 moments.add(k, ChunkMoments.from_samples(g[keep.to(g.device)], self.signs))
 
 
-class _Sums(dict):
-    """Σ_i g_i from the batch gradient, keyed by parameter; records which ones a rule used."""
+class _Grads(dict):
+    """The batch gradient Σ_i g_i / B, keyed by parameter; records which ones a rule used."""
 
     def __init__(self, *args):
         super().__init__(*args)

@@ -145,8 +145,11 @@ def report(model_file: Path, epochs, lr, batch_size, full_batch, device, seed, e
     except (ModelFileError, GsnrDiagError) as exc:
         raise _fail_input(exc) from exc
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; what was measured is saved in {run_json} "
-                   f"(render it with: gsnr-diag render {shlex.quote(str(run_json))})", err=True)
+        if run_json.exists():
+            click.echo(f"\ninterrupted; what was measured is saved in {run_json} "
+                       f"(render it with: gsnr-diag render {shlex.quote(str(run_json))})", err=True)
+        else:
+            click.echo("\ninterrupted before the first snapshot; nothing was saved", err=True)
         sys.exit(130)
     _write_outputs(run, out, pdf, say)
     say(f"done in {time.perf_counter() - start:.0f} s")

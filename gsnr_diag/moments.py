@@ -95,27 +95,29 @@ class Moments:
         """Number of samples seen (the same for every parameter)."""
         return next(iter(self.count.values()), 0)
 
-    def add(self, name: str, chunk: ChunkMoments, *, copy: bool = True) -> None:
+    def add(self, name: str, chunk: ChunkMoments, *, copy: bool = True, consume: bool = False) -> None:
         """Merge one chunk's moments of parameter ``name`` (Chan's parallel formula).
 
-        ``copy=False`` lets the accumulator take over the chunk's tensors (the caller must
-        not use them afterwards); merging is done in place either way.
+        ``copy=False`` lets the accumulator take over the chunk's tensors on a parameter's
+        first chunk; ``consume=True`` lets it overwrite them as scratch space when merging.
+        Either way the caller must not use the chunk afterwards. Merging is done in place.
         """
         if chunk.count == 0:
             return
         if name not in self.count:
-            own = (lambda t: t) if not copy else (lambda t: t.clone())  # noqa: E731
+            own = lambda t: t.to(torch.float64, copy=copy)  # noqa: E731
             self.count[name] = chunk.count
-            self.mean[name] = own(chunk.mean.to(torch.float64))
-            self.m2[name] = own(chunk.m2.to(torch.float64))
+            self.mean[name] = own(chunk.mean)
+            self.m2[name] = own(chunk.m2)
             if self.signs:
-                self.pos[name] = own(_require(chunk.pos, name))
-                self.neg[name] = own(_require(chunk.neg, name))
+                self.pos[name] = own(_present(chunk.pos, name))
+                self.neg[name] = own(_present(chunk.neg, name))
             return
         # Chan's formula, in place: δ = mean_b − mean_a; mean += δ·n_b/n; M2 += M2_b + δ²·n_a·n_b/n.
         count_a, count_b = self.count[name], chunk.count
         n = count_a + count_b
-        delta = chunk.mean.to(torch.float64) - self.mean[name]
+        mean_b = chunk.mean.to(torch.float64)
+        delta = mean_b.sub_(self.mean[name]) if consume else mean_b - self.mean[name]
         self.mean[name].add_(delta, alpha=count_b / n)
         self.m2[name].add_(chunk.m2.to(torch.float64)).addcmul_(delta, delta, value=count_a * count_b / n)
         self.count[name] = n

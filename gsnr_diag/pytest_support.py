@@ -376,19 +376,21 @@ class GsnrSession:
         """(line, markup) pairs of the terminal summary table."""
         rows = []
         marks = []
-        for rec in self.records.values():
-            if not rec.measurements and not rec.checks:
-                continue
+        shown = [rec for rec in self.records.values() if rec.measurements or rec.checks]
+        files = {rec.nodeid.split("::", 1)[0] for rec in shown}
+        strip = len(files) == 1 and all("::" in rec.nodeid for rec in shown)
+        for rec in shown:
             h = rec.headline()
             n_ok = sum(c.passed for c in rec.checks)
             checks = f"{n_ok}/{len(rec.checks)}" if rec.checks else "-"
             outcome = rec.outcome or "?"
-            rows.append([rec.nodeid, fmt(h["mean_gsnr"]), fmt(h["osgr"]), fmt(h["same_sign"]), fmt(h["control_ratio"]),
+            rows.append([rec.nodeid.split("::", 1)[1] if strip else rec.nodeid, fmt(h["mean_gsnr"]), fmt(h["osgr"]), fmt(h["same_sign"]), fmt(h["control_ratio"]),
                          checks, "PASS" if outcome in ("passed", "xfailed") else outcome.upper() if outcome != "failed" else "FAIL"])
             marks.append({"green": outcome == "passed"} if outcome == "passed" else {"red": outcome in ("failed", "error")})
         if not rows:
             return []
-        table = text_table(["test", "mean GSNR", "OSGR", "same-sign", "control ratio", "checks", "result"], rows, indent="",
+        first = f"test (in {next(iter(files))})" if strip else "test"
+        table = text_table([first, "mean GSNR", "OSGR", "same-sign", "control ratio", "checks", "result"], rows, indent="",
                            left=(0, 6))
         out: list[tuple[str, dict[str, bool]]] = [(table[0], {"bold": True}), (table[1], {})]
         out += list(zip(table[2:], marks))

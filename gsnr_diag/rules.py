@@ -2,12 +2,15 @@
 
 Two registries, looked up by exact module type (as Opacus does):
 
-* ``MOMENT_RULES[cls](layer, activations, backprops, signs, *, budget, sums) -> {param: ChunkMoments}``
+* ``MOMENT_RULES[cls](layer, activations, backprops, signs, *, budget, grads, scratch) -> {param: ChunkMoments}``
   computes Σg, Σg² and sign counts of one chunk *without* keeping the per-sample gradients
   of the whole chunk (issue 7): by algebra where it allows (nn.Linear on 2-D input,
   Embedding), otherwise block by block over samples so that no materialized block exceeds
-  ``budget`` bytes. ``sums`` maps a parameter to Σ_i g_i from the batch gradient (autograd
-  already computed it), which a rule may use instead of recomputing it. A rule returns
+  ``budget`` bytes. ``grads`` maps a parameter to the batch gradient ∂L/∂θ = Σ_i g_i / B
+  (autograd already computed it), which a rule may use for the mean instead of recomputing
+  it. ``scratch`` is a dict the caller keeps across chunks: a rule may keep work buffers
+  there (re-used, so large ones are not allocated and page-faulted every chunk); the
+  ChunkMoments it returns may then live in those buffers, valid until the next chunk. A rule returns
   ``None`` to decline (e.g. an input shape it does not handle). Used when a layer is called
   once and its parameters are not shared.
 * ``GRAD_SAMPLERS[cls](layer, activations, backprops) -> {param: grad_sample [B, *shape]}``
@@ -103,7 +106,14 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     mean = g.mean(0)
     m2 = (g - mean).square_().sum(0)
     pos = neg = None
-    if signs:
+    if signs and g.shape[0] < 2**24:
+        # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
+        sg = torch.sign(g)
+        s_cnt = sg.sum(0)
+        n_cnt = sg.abs_().sum(0)
+        pos = s_cnt.add_(n_cnt).mul_(0.5)
+        neg = n_cnt.sub_(pos)
+    elif signs:
         pos = (g > 0).sum(0, dtype=torch.float64)
         neg = (g < 0).sum(0, dtype=torch.float64)
     return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
@@ -116,7 +126,7 @@ def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
 _INT8_MM_OK: dict[str, bool] = {}
 
 
-def _count_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """xᵀy for matrices with entries in {-1, 0, 1}, exactly, as an integer tensor.
 
     int8 × int8 → int32 products (``torch._int_mm``, 4–5× faster than float32 on CPUs with
@@ -126,14 +136,16 @@ def _count_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dev = x.device.type
     if _INT8_MM_OK.get(dev, True) and hasattr(torch, "_int_mm") and x.shape[0] < 2**31:
         try:
+            if out is not None:
+                return torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8), out=out)
             r = torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8))
             _INT8_MM_OK[dev] = True
             return r
         except (RuntimeError, NotImplementedError):
             _INT8_MM_OK[dev] = False
-    if x.shape[0] < 2**24:
-        return (x.to(torch.float32).t() @ y.to(torch.float32)).to(torch.int32)
-    return (x.to(torch.float64).t() @ y.to(torch.float64)).to(torch.int64)
+    dt = torch.float32 if x.shape[0] < 2**24 else torch.float64
+    r = (x.to(dt).t() @ y.to(dt)).to(torch.int32)
+    return r if out is None else out.copy_(r)
 
 
 def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +163,59 @@ def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     return pos, neg
 
 
+def _buffer(scratch: dict | None, owner: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer kept in ``scratch`` (keyed by the parameter and a name), or a new one."""
+    shape = tuple(shape)
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=owner.device)
+    key = (id(owner), name)
+    t = scratch.get(key)
+    if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+        t = scratch[key] = torch.empty(shape, dtype=dtype, device=owner.device)
+    return t
+
+
+def _linear_weight_moments(W: torch.Tensor, a: torch.Tensor, d: torch.Tensor, signs: bool, budget: float,
+                           grad: torch.Tensor | None, scratch: dict | None) -> ChunkMoments:
+    """Σg² = (δ²)ᵀ(a²) and sign counts of g_i = δ_i a_iᵀ over samples; the mean from ``grad`` when given."""
+    B = int(a.shape[0])
+    shape = (d.shape[1], a.shape[1])
+    isz = a.element_size()
+    total = None
+    total_sq = _buffer(scratch, W, "sq", shape, a.dtype)
+    s_cnt = n_cnt = None
+    blocks = list(sample_blocks(B, (a.shape[1] + d.shape[1]) * (2 * isz + 2), budget))
+    for j, (s, e) in enumerate(blocks):
+        ab, db = a[s:e], d[s:e]
+        if j == 0:
+            torch.mm(db.square().t(), ab.square(), out=total_sq)
+        else:
+            total_sq.addmm_(db.square().t(), ab.square())
+        if grad is None:
+            t = db.t() @ ab
+            total = t if total is None else total.add_(t)
+        if signs:
+            sd, sa = torch.sign(db), torch.sign(ab)
+            if j == 0:
+                s_cnt = _count_mm(sd, sa, out=_buffer(scratch, W, "s", shape, torch.int32))
+                n_cnt = _count_mm(sd.abs_(), sa.abs_(), out=_buffer(scratch, W, "n", shape, torch.int32))
+            else:
+                s_cnt.add_(_count_mm(sd, sa))
+                n_cnt.add_(_count_mm(sd.abs_(), sa.abs_()))
+    mean = _buffer(scratch, W, "mean", shape, torch.float64)
+    if grad is not None:
+        mean.copy_(grad)
+    else:
+        mean.copy_(total).div_(B)
+    m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(total_sq)
+    m2.addcmul_(mean, mean, value=-float(B)).clamp_(min=0.0)
+    pos = neg = None
+    if signs:
+        pos = torch.add(n_cnt, s_cnt, out=_buffer(scratch, W, "pos", shape, torch.int32)).bitwise_right_shift_(1)
+        neg = n_cnt.sub_(pos)  # (N − S)/2 = N − pos
+    return ChunkMoments(B, mean, m2, pos, neg)
+
+
 def _bias_moments(d: torch.Tensor, signs: bool) -> ChunkMoments:
     """Per-sample bias gradients d [B, ..., C] summed over the middle dimensions."""
     if d.ndim > 2:
@@ -161,12 +226,13 @@ def _bias_moments(d: torch.Tensor, signs: bool) -> ChunkMoments:
 # --- nn.Linear ------------------------------------------------------------------------------
 @register_moment_rule(nn.Linear)
 def linear_moments(layer: nn.Linear, activations: list, backprops: torch.Tensor, signs: bool, *,
-                   budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                   budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
     """nn.Linear (issue 7, req. 1).
 
     2-D input [B, in] (or extra dimensions of size 1): per-sample g_i = δ_i a_iᵀ is rank one,
     so Σg² = (δ²)ᵀ(a²) and the sign counts come from two integer products of sign matrices
-    (:func:`sign_counts_outer`); Σg = δᵀa is the batch gradient (``sums``) when given.
+    (:func:`sign_counts_outer`); the mean Σg/B = δᵀa/B is the batch gradient (``grads``) when given.
     Products run in the parameter's dtype (float32 for a float32 model: relative error
     ~1e-7·(1 + GSNR) in ρ²; float64 for a float64 model) and are stored in float64.
 
@@ -186,22 +252,8 @@ def linear_moments(layer: nn.Linear, activations: list, backprops: torch.Tensor,
     if a.shape[1] == 1:
         a, d = a[:, 0].to(dt), d[:, 0].to(dt)
         if W.requires_grad:
-            given = None if sums is None else sums.get(W)
-            total, total_sq, pos, neg = given, None, None, None
-            isz = a.element_size()
-            per_sample = (a.shape[1] + d.shape[1]) * (2 * isz + 2)
-            for s, e in sample_blocks(B, per_sample, budget):
-                ab, db = a[s:e], d[s:e]
-                sq = db.square().t() @ ab.square()
-                total_sq = sq if total_sq is None else total_sq.add_(sq)
-                if given is None:
-                    t = db.t() @ ab
-                    total = t if total is None else total.add_(t)
-                if signs:
-                    p, n = sign_counts_outer(db, ab)
-                    pos = p if pos is None else pos.add_(p)
-                    neg = n if neg is None else neg.add_(n)
-            out[W] = ChunkMoments.from_sums(B, total, total_sq, pos, neg)
+            grad = None if grads is None else grads.get(W)
+            out[W] = _linear_weight_moments(W, a, d, signs, budget, grad, scratch)
         if b is not None and b.requires_grad:
             out[b] = samples_moments(d, signs)
         return out
@@ -240,12 +292,52 @@ def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
                     dilation=layer.dilation)
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_weight_moments_grouped(layer, x: torch.Tensor, d: torch.Tensor, dt: torch.dtype, signs: bool,
+                                 budget: float) -> ChunkMoments:
+    """Per-sample weight gradients of a groups=1 convolution as one convolution per block of b samples.
+
+    g_i[o, c, k] = Σ_p δ_i[o, p] x_i[c, p·stride + k·dilation − pad] is itself a convolution of
+    the input (samples as channels, channels as batch) with δ as a kernel (groups = b, stride
+    and dilation swapped) — the optimized convolution kernels instead of im2col (as in
+    torch's expanded weights).
+    """
+    nd = x.ndim - 2
+    padding = layer.padding
+    if isinstance(padding, str) or layer.padding_mode != "zeros":
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * nd
+    W = layer.weight
+    cout, cin = layer.out_channels, layer.in_channels
+    isz = torch.finfo(dt).bits // 8
+    B = int(x.shape[0])
+    per_sample = 2 * (x[0].numel() + d[0].numel() + 4 * W.numel()) * isz
+    acc = None
+    for s, e in sample_blocks(B, per_sample, budget):
+        n = e - s
+        xb, db = x[s:e].to(dt), d[s:e].to(dt)
+        g = _CONV[nd](xb.transpose(0, 1), db.reshape(n * cout, 1, *db.shape[2:]), None, stride=layer.dilation,
+                      padding=padding, dilation=layer.stride, groups=n)
+        for i in range(nd):
+            g = g.narrow(2 + i, 0, layer.kernel_size[i])
+        g = g.reshape(cin, n, cout, *layer.kernel_size).movedim(0, 2)
+        acc = _combine(acc, samples_moments(g, signs))
+        del g
+    return acc
+
+
 @register_moment_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_moments(layer: nn.modules.conv._ConvNd, activations: list, backprops: torch.Tensor, signs: bool, *,
-                 budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
-    """Conv1d/2d/3d: unfold (im2col) + batched products, block by block over samples.
+                 budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
+    """Conv1d/2d/3d, block by block over samples (≤ ``budget`` bytes per block).
 
-    Per sample and group, g = δ Uᵀ with δ [C_out/G, L] and U [C_in/G·∏k, L], so only
+    groups = 1: per-sample weight gradients as one grouped convolution per block
+    (:func:`_conv_weight_moments_grouped`). groups > 1: unfold (im2col) + batched products;
+    per sample and group, g = δ Uᵀ with δ [C_out/G, L] and U [C_in/G·∏k, L], so only
     [b, C_out, C_in/G, *k] per-sample gradients and the [b, C_in·∏k, L] unfolded input of
     one block of b samples exist at a time (≤ ``budget`` bytes); groups never form the
     cross-group products.
@@ -262,7 +354,9 @@ def conv_moments(layer: nn.modules.conv._ConvNd, activations: list, backprops: t
     K = math.prod(layer.kernel_size)
     L = math.prod(d.shape[2:])
     out: dict = {}
-    if W.requires_grad:
+    if W.requires_grad and G == 1:
+        out[W] = _conv_weight_moments_grouped(layer, x, d, dt, signs, budget)
+    elif W.requires_grad:
         per_sample = (cin * K * L + x[0].numel() + cout * L + W.numel() * 3) * isz + W.numel() * 2
         acc = None
         for s, e in sample_blocks(B, per_sample, budget):
@@ -285,7 +379,8 @@ def conv_moments(layer: nn.modules.conv._ConvNd, activations: list, backprops: t
 # --- nn.Embedding ---------------------------------------------------------------------------
 @register_moment_rule(nn.Embedding)
 def embedding_moments(layer: nn.Embedding, activations: list, backprops: torch.Tensor, signs: bool, *,
-                      budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                      budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
     """nn.Embedding: a segment-sum over the rows each sample touches (never a dense B×V×D tensor).
 
     Sample i's gradient is non-zero only in the rows of the tokens it contains: row v gets
@@ -358,7 +453,8 @@ def _affine_norm_moments(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, xha
 
 @register_moment_rule(nn.LayerNorm)
 def layer_norm_moments(layer: nn.LayerNorm, activations: list, backprops: torch.Tensor, signs: bool, *,
-                       budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                       budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
     """nn.LayerNorm (with or without bias): x̂ over ``normalized_shape``, summed over the other dims."""
     x = activations[0]
     k = len(layer.normalized_shape)
@@ -371,7 +467,8 @@ def layer_norm_moments(layer: nn.LayerNorm, activations: list, backprops: torch.
 
 @register_moment_rule(nn.GroupNorm)
 def group_norm_moments(layer: nn.GroupNorm, activations: list, backprops: torch.Tensor, signs: bool, *,
-                       budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                       budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
     """nn.GroupNorm: x̂ per (sample, group), per-channel γ/β summed over the spatial dims."""
     x = activations[0]
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or layer.weight is None:
@@ -385,7 +482,8 @@ if hasattr(nn, "RMSNorm"):
 
     @register_moment_rule(nn.RMSNorm)
     def rms_norm_moments(layer: nn.Module, activations: list, backprops: torch.Tensor, signs: bool, *,
-                         budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                         budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
         """nn.RMSNorm: x̂ = x / rms(x) over ``normalized_shape``; γ summed over the other dims."""
         x = activations[0]
         k = len(layer.normalized_shape)
@@ -405,7 +503,8 @@ def _batchnorm_xhat(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
 
 @register_moment_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batchnorm_eval_moments(layer: nn.modules.batchnorm._BatchNorm, activations: list, backprops: torch.Tensor,
-                           signs: bool, *, budget: float = DEFAULT_BUDGET, sums: dict | None = None) -> dict | None:
+                           signs: bool, *, budget: float = DEFAULT_BUDGET, grads: dict | None = None,
+                 scratch: dict | None = None) -> dict | None:
     """BatchNorm with running statistics (eval mode only; in train mode it mixes samples)."""
     x = activations[0]
     if layer.training or layer.running_mean is None or not isinstance(x, torch.Tensor) or x.ndim < 2:

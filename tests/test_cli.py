@@ -37,14 +37,14 @@ def write(path, text):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One real `gsnr-diag report` run (with the control and a PDF), shared by the tests below."""
+    """One real `gsnr-diag report` run (control, OSGR experiment, PDF), shared by the tests below."""
     d = tmp_path_factory.mktemp("cli")
     model = write(d / "tiny.py", TINY)
     runner = CliRunner()
     result = runner.invoke(
         main,
         ["report", str(model), "--out", str(d / "r.html"), "--pdf", str(d / "r.pdf"),
-         "--run-json", str(d / "r.run.json"), "--quiet"],
+         "--run-json", str(d / "r.run.json"), "--osgr-sets", "2", "--quiet"],
     )
     return d, result
 
@@ -68,6 +68,7 @@ def test_report_exit_0_writes_html_pdf_and_run_json(tiny_run):
     assert (d / "r.pdf").read_bytes().startswith(b"%PDF")
     run = json.loads((d / "r.run.json").read_text())
     assert run["kind"] == "gsnr-diag-run" and run["control"] is not None
+    assert run["osgr"] and run["osgr"][0]["settings"]["M"] == 2 and "Pearson c" in html
     assert run["metadata"].get("partial") is None
     assert run["metadata"]["settings"]["epochs"] == 2  # the file's EPOCHS
     assert len(run["trajectory"]["snapshots"]) >= 3

@@ -113,8 +113,9 @@ def test_verdict_values_from_run():
     assert v["control_ratio"] == run["control"]["final_ratio"]
     assert v["osgr"] == snaps[-1]["osgr"]
     assert v["same_sign"] == snaps[-1]["mean_same_sign"]
-    view = build_view(run)
-    statuses = {m.key: m.status for m in view.metrics}
+    from gsnr_diag.report.viewmodel import _metrics
+
+    statuses = {m.key: m.status for m in _metrics(run, v)}
     assert set(statuses.values()) <= {"good", "watch", "bad", "n/a"}
     assert statuses["peak_mean_gsnr"] == "good"  # peak ≈ 7× the start in the fake run
 

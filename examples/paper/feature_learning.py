@@ -290,6 +290,10 @@ def main() -> None:
         findings["osgr_first_epoch"] = first
         findings["osgr_first_epoch_pearson_c"] = osgr["per_epoch"][first]["pearson_c"] if first is not None else None
         findings["osgr_first_epoch_mean_abs_diff"] = osgr["per_epoch"][first]["mean_abs_lhs_minus_rhs"] if first is not None else None
+        last = max(osgr["per_epoch"]) if osgr["per_epoch"] else None
+        findings["osgr_last_epoch"] = last
+        findings["osgr_last_epoch_pearson_c"] = osgr["per_epoch"][last]["pearson_c"] if last is not None else None
+        findings["osgr_last_epoch_mean_abs_diff"] = osgr["per_epoch"][last]["mean_abs_lhs_minus_rhs"] if last is not None else None
 
     settings = {"n_train": 200, "n_test": 10_000, "noise": 0.01, "width": 20, "lr": lr, "steps": steps,
                 "record_every": every, "seeds": seeds, "algorithm": "full-batch GD (torch.optim.SGD, no momentum)",

@@ -295,8 +295,9 @@ def osgr_experiment(
         epochs: the length of training in full-batch GD steps; every ``record_at`` value must be
             below it (training stops after the last step a record needs).
         record_at: steps t at which LHS (needs θ_t and θ_{t+1}) and RHS (at θ_t) are measured.
-        label_noise: fraction p_random of each training set's labels replaced by random classes
-            (classification only).
+        label_noise: fraction p_random of the labels replaced by random classes, in every training
+            set and in the test set alike (classification only): eq. 19 assumes D and D' are drawn
+            from one distribution, so the noise defines that distribution.
         vectorize: vmap over the M models (default) or the sequential reference loop.
         measure_batch_size: chunk size for :func:`~gsnr_diag.gradient_stats` (memory bound).
     """
@@ -337,7 +338,10 @@ def osgr_experiment(
             ys[m] = corrupt_labels(ys[m], label_noise, torch.Generator().manual_seed(seed + 1 + m))
     ys = ys.to(device)
     xt = tree_map(lambda t: t[test_idx].to(device), X)
-    yt = Y[test_idx].to(device)
+    yt = Y[test_idx].clone()
+    if label_noise:  # eq. 19 needs D and D' from one distribution: the test labels get the same noise
+        yt = corrupt_labels(yt, label_noise, torch.Generator().manual_seed(seed + 1 + M))
+    yt = yt.to(device)
 
     runner: _Vectorized | _Sequential
     used_vmap = False

@@ -240,8 +240,12 @@ def scatter_figure(
             if not pts:
                 continue
             color, _, marker = _STYLES[i % len(_STYLES)]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, marker=marker,
-                       facecolors="none" if i % 2 else color, edgecolors=color, linewidths=1.0, label=label)
+            xs_, ys_ = [p[0] for p in pts], [p[1] for p in pts]
+            if marker in ("x", "+"):  # unfilled markers take a plain colour
+                ax.scatter(xs_, ys_, s=22, marker=marker, color=color, linewidths=1.0, label=label)
+            else:  # alternate filled / hollow so groups differ in grayscale too
+                ax.scatter(xs_, ys_, s=22, marker=marker, facecolors="none" if i % 2 else color,
+                           edgecolors=color, linewidths=1.0, label=label)
             allv += [v for p in pts for v in p]
         if allv:
             lo, hi = min(allv), max(allv)

@@ -150,7 +150,8 @@ def run_report(
     if run_control and task != "classification":
         from ..errors import DataError
 
-        raise DataError("--control: the shuffled-label control needs a classification task (TASK is regression)")
+        raise DataError("--control: the shuffled-label control needs a classification task; this one is regression "
+                        "(from TASK, the loss, or float targets)")
 
     from ..data import count_samples
 
