@@ -286,7 +286,7 @@ def _load_weights(model, path: Path) -> None:
 _CHECKS = (
     ("min_mean_gsnr", "final_mean_gsnr", "--min-mean-gsnr", "final mean GSNR"),
     ("min_control_ratio", "control_ratio", "--min-control-ratio", "control ratio real/shuffled (final)"),
-    ("min_osgr", "osgr", "--min-osgr", "single-set OSGR (final)"),
+    ("min_osgr", "osgr", "--min-osgr", "OSGR over training (loss-weighted eq. 19)"),
     ("min_same_sign", "same_sign", "--min-same-sign", "mean same-sign fraction (final)"),
 )
 
@@ -296,7 +296,7 @@ _CHECKS = (
 @click.option("--min-mean-gsnr", type=float, default=None, metavar="X", help="Fail if the final mean GSNR < X.")
 @click.option("--min-control-ratio", type=float, default=None, metavar="Y",
               help="Fail if the final real/shuffled mean-GSNR ratio < Y (or no control was run).")
-@click.option("--min-osgr", type=float, default=None, metavar="Z", help="Fail if the final single-set OSGR < Z.")
+@click.option("--min-osgr", type=float, default=None, metavar="Z", help="Fail if the OSGR over training (the report's: eq. 19 weighted by each step's training-loss decrease) < Z.")
 @click.option("--min-same-sign", type=float, default=None, metavar="W",
               help="Fail if the final mean same-sign fraction < W.")
 def check(run_json: Path, **thresholds: float | None) -> None:

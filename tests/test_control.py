@@ -47,7 +47,9 @@ def test_corrupt_labels():
 def test_control_on_a_learnable_task_separates_real_from_shuffled(tmp_path):
     data, test = _clusters(300, 1), _clusters(300, 2)
     r = shuffled_label_control(_build, data, epochs=90, lr=0.2, test_data=test, every=30, signs=False, progress=False)
-    # measured (full-batch GD, lr 0.2): ratio 10.80 at step 0, 5.97 at 30, 3.97 at 60, 3.62 at 90
+    # measured (full-batch GD, lr 0.2): ratio 8.75 at step 0, 4.91 at 30, 3.72 at 60, 3.87 at 90; train accuracy
+    # real 1.00 vs shuffled 0.64 at step 90. The ratio is already high at initialization on this task and the
+    # real-label GSNR falls from its start (no early rise), so the test checks the separation, not a rise.
     assert r.steps == [0, 30, 60, 90]
     assert all(x > 2 for x in r.ratio[1:]), r.ratio
     assert r.peak_ratio == max(r.ratio[1:])

@@ -113,3 +113,19 @@ def test_bad_input():
     with pytest.raises(DataError, match="classification"):
         osgr_experiment(lambda: nn.Linear(10, 1), (x, x[:, :1]), nn.MSELoss(), n=10, M=2, test_size=10, epochs=1,
                         record_at=[0], label_noise=0.5)
+
+
+def test_conv_model_vmap_matches_loop_and_auto_picks_the_loop_on_cpu():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (120,), generator=g)
+
+    def build():
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+
+    kw = dict(n=20, M=3, test_size=40, lr=0.05, epochs=3, record_at=[0, 2])
+    a = osgr_experiment(build, (x, y), vectorize=True, **kw)
+    auto = osgr_experiment(build, (x, y), **kw)
+    assert a.settings["vectorized"] and not auto.settings["vectorized"]
+    np.testing.assert_allclose(a.lhs, auto.lhs, rtol=1e-4)
+    np.testing.assert_allclose(a.rhs, auto.rhs, rtol=1e-4)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -267,6 +266,36 @@ def test_precedence_explicit_over_marker_over_ini(pt):
     }, out
 
 
+def test_pyproject_toml_values(pt):
+    pt.makepyprojecttoml(
+        """
+        [tool.pytest.ini_options]
+        gsnr_min_same_sign = 0.5
+        gsnr_min_control_ratio = "3"
+        gsnr_min_layer_gsnr = ["*.weight = 1e-3", "*.bias = 0"]
+        """
+    )
+    pt.makepyfile(
+        test_toml="""
+        def test_defaults(gsnr):
+            d = {k: t.value for k, t in gsnr.defaults.items()}
+            assert d == {"min_same_sign": 0.5, "min_ratio": 3.0, "min_layer_gsnr": {"*.weight": 1e-3, "*.bias": 0.0}}
+        """
+    )
+    run(pt).assert_outcomes(passed=1)
+
+
+def test_device_option(pt):
+    pt.makepyfile(
+        test_dev="""
+        def test_dev(gsnr, model, data):
+            assert gsnr.device == "cpu"
+            assert gsnr.stats(model, data).n == 64
+        """
+    )
+    run(pt, "--gsnr-device=cpu").assert_outcomes(passed=1)
+
+
 def test_malformed_ini_is_a_usage_error(pt):
     pt.makeini("[pytest]\ngsnr_min_osgr = high\n")
     pt.makepyfile(test_x="def test_x():\n    pass\n")
@@ -390,6 +419,11 @@ def test_bad_report_suffix(pt):
     result = run(pt, "--gsnr-report=out.txt")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--gsnr-report out.txt: the file name must end in .html or .pdf*"])
+
+
+def test_readme_section_shows_the_example_file():
+    doc = (EXAMPLE.parents[1] / "docs" / "readme" / "plugin.md").read_text()
+    assert "```python\n" + EXAMPLE.read_text() + "```" in doc
 
 
 def test_example_file_passes(pytester, tmp_path):

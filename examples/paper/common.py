@@ -70,6 +70,8 @@ class Run:
     def conditions(self) -> dict[str, Any]:
         return {
             "wall_seconds": round(time.perf_counter() - self.t0, 2),
+            # CPU time of this process (all threads): ≈ the wall time on a quiet machine with --threads 1
+            "cpu_seconds": round(time.process_time(), 2),
             "timings_seconds": self.timings,
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),

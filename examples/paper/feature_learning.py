@@ -303,7 +303,9 @@ def main() -> None:
     results = {
         "experiment": "feature learning (Sec. 3.2, Fig. 6, Table 1) and A.3 OSGR grid",
         "settings": settings, "summary": summary, "findings": findings, "table1": tables,
-        "configs": [{k: v for k, v in c.items() if k != "trajectory"} for c in configs],
+        # per-weight GSNR and per-feature correlations over time are summarized in "table1" (they are large)
+        "configs": [{k: v for k, v in c.items() if k not in ("trajectory", "gsnr_layer2_per_weight", "feature_corr")}
+                    for c in configs],
         "osgr": osgr, "figures": figs,
     }
     run.write_results(results)

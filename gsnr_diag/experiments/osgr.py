@@ -14,6 +14,15 @@ dimension (as ``torch.func.stack_module_state`` does for M modules; here the M c
 initialization) and one ``vmap(grad_and_value(functional_call(...)))`` call gives every model's
 full-batch gradient and loss. ``vectorize=False`` runs the plain sequential loop (the reference,
 and the fallback when a model cannot be vmapped).
+
+Speed (benchmarks/osgr_vectorized.py): vmap turns a convolution with per-model weights into a
+grouped convolution, whose backward pass is slow on CPU; on a shared 2-core CPU the vectorized
+GD step of the paper's CNN (M = 10) measured 0.68× (n = 64, 1 thread) and 0.23× (n = 256,
+2 threads) the speed of the sequential loop; MLPs gained only when each model's step is tiny
+(10-32-3 MLP: 1.75× at n = 100, 0.79× at n = 1000; 784-100-10 at n = 64: 0.95×). So
+``vectorize=None`` (the default) uses the loop for conv nets on CPU and vmap otherwise; the vmap
+path is meant for accelerators, where M small models per step are launch-bound (not measured: no
+GPU was lent).
 """
 
 from __future__ import annotations
@@ -279,7 +288,7 @@ def osgr_experiment(
     record_at: Iterable[int],
     label_noise: float = 0.0,
     seed: int = 0,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     measure_batch_size: int | None = None,
 ) -> OSGRResult:
     """Measure OSGR by definition (eq. 23) and by GSNR (eq. 19/24) on M disjoint training sets.
@@ -298,7 +307,9 @@ def osgr_experiment(
         label_noise: fraction p_random of the labels replaced by random classes, in every training
             set and in the test set alike (classification only): eq. 19 assumes D and D' are drawn
             from one distribution, so the noise defines that distribution.
-        vectorize: vmap over the M models (default) or the sequential reference loop.
+        vectorize: ``True``: vmap over the M models; ``False``: the sequential reference loop;
+            ``None`` (default): vmap, except for models with convolutions on CPU, where the
+            grouped convolution vmap produces measured slower than the loop (module docstring).
         measure_batch_size: chunk size for :func:`~gsnr_diag.gradient_stats` (memory bound).
     """
     for name, v, lo in (("n", n, 2), ("M", M, 1), ("test_size", test_size, 1), ("epochs", epochs, 1)):
@@ -343,6 +354,9 @@ def osgr_experiment(
         yt = corrupt_labels(yt, label_noise, torch.Generator().manual_seed(seed + 1 + M))
     yt = yt.to(device)
 
+    if vectorize is None:
+        has_conv = any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model0.modules())
+        vectorize = not (device.type == "cpu" and has_conv)
     runner: _Vectorized | _Sequential
     used_vmap = False
     if vectorize:
