@@ -132,6 +132,48 @@ def _run_child(args: list[str], env_extra: dict | None = None, timeout: float = 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _dt(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+TARGETS = [  # (what, model, batch, method, target ratio) — issue 7, requirement 3 (1 thread, batch 256)
+    ("CNN, full statistics with signs", "cnn", 256, "gsnr-diag", 1.8),
+    ("MLP, full statistics with signs", "mlp", 256, "gsnr-diag", 2.2),
+    ("MLP, signs=False", "mlp", 256, "gsnr-diag signs=False", 1.5),
+    ("sequence model", "sequence", 256, "gsnr-diag", 5.0),
+    ("transformer encoder layer", "transformer", 256, "gsnr-diag", 5.0),
+]
+
+
+def _targets(timing: dict, memory: dict, flat: dict) -> list[str]:
+    res = timing.get(1, {})
+    L = ["\n## Targets of issue 7 (1 thread, batch 256)\n",
+         "| target | measured (wall) | measured (CPU time) | verdict |", "|---|---|---|---|"]
+    for what, model, batch, method, target in TARGETS:
+        e = res.get(f"{model}|{batch}|{method}", {})
+        if "wall" not in e:
+            L.append(f"| {what} ≤ {target}× | n/a | n/a | not measured |")
+            continue
+        verdict = "met" if e["wall"] <= target else f"missed by {e['wall'] / target - 1:.0%}"
+        L.append(f"| {what} ≤ {target}× | {e['wall']:.2f}× | {e['cpu']:.2f}× | {verdict} |")
+    p = memory.get("mlp|256|plain", {})
+    for method in ("gsnr-diag", "gsnr-diag gradient_stats()"):
+        g = memory.get(f"mlp|256|{method}", {})
+        if "extra_mb" in p and "extra_mb" in g:
+            ratio = g["extra_mb"] / max(p["extra_mb"], 1e-9)
+            L.append(f"| MLP extra memory ≤ 2× plain ({method}) | {g['extra_mb']:.1f} MB vs {p['extra_mb']:.1f} MB "
+                     f"= {ratio:.1f}× | | {'met' if ratio <= 2 else f'missed by {ratio / 2 - 1:.0%}'} |")
+    rows = flat.get("rows", [])
+    for model in ("cnn", "mlp"):
+        r = [x for x in rows if x["model"] == model]
+        if len(r) == 2:
+            a, b = sorted(r, key=lambda x: x["batches"])
+            same = abs(b["peak_rss_mb"] - a["peak_rss_mb"]) <= max(2.0, 0.02 * a["peak_rss_mb"])
+            L.append(f"| peak memory unchanged over 10× the data ({model}) | {a['peak_rss_mb']:.1f} → "
+                     f"{b['peak_rss_mb']:.1f} MB | | {'met' if same else 'missed'} |")
+    return L
+
+
 def _fmt(entry: dict | None, field: str = "wall") -> str:
     if entry is None:
         return "–"
@@ -154,6 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions; a smoke run")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--render", metavar="JSON", help="only re-render RESULTS.md from a saved results JSON")
     ap.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, default=4.0, help=argparse.SUPPRESS)
@@ -170,6 +213,16 @@ def main() -> None:
 
     import torch
 
+    if a.render:
+        with open(a.render) as fh:
+            saved = json.load(fh)
+        timing = {int(k): v for k, v in saved["timing"].items()}
+        meta = saved["meta"]
+        with open(a.out, "w") as f:
+            f.write(_render(timing, saved["memory"], saved["flat"], _dt(meta["started"]), _dt(meta["finished"]),
+                            meta["load_before"], meta["load_after"], meta["quick"], meta["torch"], meta["opacus"]))
+        print(f"wrote {a.out}", file=sys.stderr)
+        return
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     budget = 0.3 if a.quick else 2.5
@@ -195,6 +248,12 @@ def main() -> None:
     load_after = os.getloadavg()
     import opacus
 
+    raw = os.path.splitext(a.out)[0] + ".json"
+    with open(raw, "w") as f:
+        json.dump({"timing": timing, "memory": memory, "flat": flat,
+                   "meta": {"started": started.isoformat(), "finished": finished.isoformat(),
+                            "load_before": load_before, "load_after": load_after, "quick": a.quick,
+                            "torch": torch.__version__, "opacus": opacus.__version__}}, f, indent=1)
     with open(a.out, "w") as f:
         f.write(_render(timing, memory, flat, started, finished, load_before, load_after, a.quick, torch.__version__,
                         opacus.__version__))
@@ -305,6 +364,10 @@ FC on 32×64 inputs. Synthetic data (standard normal inputs, random labels), flo
         L.append(f"failed: `{flat['error']}`\n")
     else:
         L.append(flat["table"] + "\n")
+    L.extend(_targets(timing, memory, flat))
+    if os.path.exists(os.path.join(HERE, "NOTES.md")):
+        with open(os.path.join(HERE, "NOTES.md")) as fh:
+            L.append("\n" + fh.read())
     L.append("\n## GPU\n\nGPU figures are pending: no GPU was available to this run. The code keeps every "
              "accumulator and work buffer on the model's device (no CPU is hard-coded); `torch._int_mm` for the "
              "sign counts falls back to float32 products where the device or shape does not support it.\n")

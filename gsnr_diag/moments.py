@@ -61,7 +61,6 @@ class ChunkMoments:
         m2 = total_sq.to(torch.float64, copy=True).addcmul_(mean, mean, value=-float(count)).clamp_(min=0.0)
         return cls(int(count), mean, m2, pos, neg)
 
-
     def combine(self, other: "ChunkMoments") -> "ChunkMoments":
         """Moments of the union of two chunks of samples of the same parameter (Chan's merge)."""
         n, mean, m2 = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)

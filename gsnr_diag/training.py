@@ -99,7 +99,9 @@ def train(
         optimizer: your own optimizer over ``model``'s parameters (``lr`` is then only recorded).
         batch_size: ``None`` for full-batch gradient descent, else mini-batch SGD.
         monitor: a :class:`~gsnr_diag.monitor.Monitor` on ``model``; records at step 0, on its
-            schedule (steps = optimizer updates) and after the last step.
+            schedule (steps = optimizer updates) and after the last step. Scheduled snapshots
+            carry ``extra["batch_loss"]``: the loss of the (mini-)batch of the update that led
+            to this step, evaluated before that update.
         test_data: held-out data handed to the monitor when it has none.
         seed: seeds the batch shuffling (a private ``torch.Generator``).
         progress: show a click progress bar on stderr.

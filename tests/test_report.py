@@ -111,7 +111,15 @@ def test_verdict_values_from_run():
     assert v["final_mean_gsnr"] == snaps[-1]["mean_gsnr"]
     assert v["peak_mean_gsnr"] == max(s["mean_gsnr"] for s in snaps)
     assert v["control_ratio"] == run["control"]["final_ratio"]
-    assert v["osgr"] == snaps[-1]["osgr"]
+    assert v["osgr_final"] == snaps[-1]["osgr"]
+    # eq. 19 over the run: each training-loss decrease weighted by the OSGR predicted at its start
+    drops = [(a["osgr"], a["train_loss"] - b["train_loss"]) for a, b in zip(snaps, snaps[1:])]
+    assert v["osgr"] == pytest.approx(sum(r * d for r, d in drops) / sum(d for _, d in drops))
+    first, last = snaps[0], snaps[-1]
+    assert v["realized_ratio"] == pytest.approx(
+        (first["test_loss"] - last["test_loss"]) / (first["train_loss"] - last["train_loss"])
+    )
+    assert v["final_gsnr_n"] == pytest.approx(last["mean_gsnr"] * 400)
     assert v["same_sign"] == snaps[-1]["mean_same_sign"]
     from gsnr_diag.report.viewmodel import _metrics
 
