@@ -15,7 +15,6 @@ and nowhere else. Heavy imports (torch, matplotlib, weasyprint) happen inside th
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import sys
 import time

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
