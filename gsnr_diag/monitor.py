@@ -279,6 +279,7 @@ class Monitor:
             "versions": library_versions(),
             "command": " ".join(sys.argv),
         }
+        extra = dict(extra)  # never mutate the caller's dict
         settings = extra.pop("settings", None)
         meta.update(extra)
         if isinstance(settings, dict):

@@ -382,10 +382,11 @@ class GsnrFixture:
                           ["layer", f"GSNR at step {first.step}", "peak GSNR", "at step", "peak / first"])
         self._finish("expect_rising", [check], lines)
 
-    def expect_control(self, control: Any, *, min_ratio: float | None = None, at: str = "peak") -> None:
+    def expect_control(self, control: Any, *, min_ratio: float | None = None, at: str = "final") -> None:
         """Assert that real labels beat shuffled ones: mean-GSNR ratio real/shuffled ≥ ``min_ratio``.
 
-        ``at="peak"`` (default) checks the control's ``peak_ratio``, ``at="final"`` its ``final_ratio``.
+        ``at="final"`` (default, as ``gsnr-diag check --min-control-ratio`` and the report's verdict panel)
+        checks the control's ``final_ratio``, ``at="peak"`` its ``peak_ratio`` (largest after step 0).
         """
         __tracebackhide__ = True
         if at not in ("peak", "final"):
@@ -413,8 +414,8 @@ class GsnrFixture:
         real = _snapshot_at(control.real, step)
         shuf = _snapshot_at(control.shuffled, step)
         lines = [
-            f"gsnr.expect_control: {'ok' if ok else 'FAIL'}: real/shuffled mean-GSNR ratio at its {at} "
-            f"(step {step}) is {fmt(measured) if measured is not None else 'undefined'}; "
+            f"gsnr.expect_control: {'ok' if ok else 'FAIL'}: real/shuffled mean-GSNR ratio "
+            f"{'at its peak' if at == 'peak' else 'at the last snapshot'} (step {step}) is {fmt(measured) if measured is not None else 'undefined'}; "
             f"required >= min_ratio = {fmt(t.value)}   (set by {t.source})",
             f"  mean GSNR at step {step}: real labels {fmt(real.mean_gsnr if real else None)}, "
             f"shuffled labels {fmt(shuf.mean_gsnr if shuf else None)}; label_noise = {fmt(getattr(control, 'label_noise', None))}",

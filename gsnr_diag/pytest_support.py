@@ -238,7 +238,7 @@ class TestRecord:
                 break
         for m in reversed(self.measurements):
             if m.kind == "control":
-                out["control_ratio"] = _clean(getattr(m.result, "peak_ratio", None))
+                out["control_ratio"] = _clean(getattr(m.result, "final_ratio", None))
                 break
         return out
 

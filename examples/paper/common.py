@@ -293,16 +293,17 @@ def osgr_scatter(run: Run, results: Sequence[Any], labels: Sequence[str], name: 
             xx = np.linspace(lo, hi, 10)
             ax.plot(xx, s["slope"] * xx + s["intercept"], "r-", lw=1, label="least squares" if e == epochs[0] else None)
         c = s["pearson_c"]
-        ax.set_title(f"epoch {e}: c = {c:.2f}" if c is not None else f"epoch {e}", fontsize=9)
+        ax.set_title(f"step {e}: c = {c:.2f}" if c is not None else f"step {e}", fontsize=9)
         ax.set_xlabel("RHS (eq. 19, from GSNR)", fontsize=8)
         ax.set_ylabel("LHS (eq. 23, measured)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(epochs):]:
         ax.axis("off")
     handles, labs = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labs, loc="lower center", ncol=min(6, len(labs)), fontsize=7, bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labs) / 6)))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    # below the panels; savefig(bbox_inches="tight") grows the canvas to hold it
+    fig.legend(handles, labs, loc="upper center", ncol=min(6, len(labs)), fontsize=7, bbox_to_anchor=(0.5, 0.0))
     return run.save_fig(fig, name)
 
 
