@@ -35,7 +35,8 @@ MEMORY_METHODS = ["plain", "gsnr-diag", "gsnr-diag signs=False", "gsnr-diag grad
                   "torch.func", "backpack BatchGrad", "backpack SumGradSquared (no signs)", "loop"]
 PER_SAMPLE_METHODS = {"opacus", "torch.func", "backpack BatchGrad", "loop"}
 SKIP_PER_SAMPLE = {("mlp", 1024): "skipped: per-sample gradients of 1024 x 669,706 parameters take 2.7 GB in float32 "
-                                  "before the float64 reduction (this machine is shared; 2 cores)"}
+                                  "before the float64 reduction, and the loop would take ~1 min per repetition "
+                                  "(shared 2-core machine)"}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # memory children: large blocks are returned to the OS on free
 
 
@@ -184,12 +185,17 @@ def _fmt(entry: dict | None, field: str = "wall") -> str:
 
 
 def _errors(results: dict) -> list[str]:
-    seen = {}
+    seen: dict = {}
     for key, e in results.items():
         if "error" in e:
-            model, _batch, method = key.split("|")
-            seen.setdefault((method, model), e["error"])
-    return [f"- {method} on {model}: `{err}`" for (method, model), err in seen.items()]
+            model, batch, method = key.split("|")
+            where = seen.setdefault(e["error"], {})
+            where.setdefault(f"{model} B={batch}", []).append(method)
+    lines = []
+    for err, where in seen.items():
+        places = "; ".join(f"{', '.join(dict.fromkeys(ms))} on {mb}" for mb, ms in where.items())
+        lines.append(f"- {places}: `{err}`")
+    return lines
 
 
 def main() -> None:
@@ -280,7 +286,8 @@ def _render(timing, memory, flat, started, finished, load_before, load_after, qu
         pass
     L = []
     L.append("# gsnr-diag benchmarks\n")
-    L.append("Regenerate with (from the repository root; about 20–30 minutes on 2 cores):\n")
+    L.append("Regenerate with (from the repository root; about 20 minutes on 2 cores; raw numbers go to "
+             "`benchmarks/RESULTS.json`):\n")
     L.append("```\npython benchmarks/run.py\n```\n")
     L.append(f"{'**QUICK SMOKE RUN — numbers not for quoting.** ' if quick else ''}"
              f"Run {started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC on {platform.node() or '?'}: {os.cpu_count()} CPUs "

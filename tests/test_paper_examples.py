@@ -33,7 +33,7 @@ def run_quick(name: str, out: Path) -> dict:
     assert proc.returncode == 0, f"{name}.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((out / "results.json").read_text())
     # the run JSON is a valid gsnr-diag run and the report was rendered from it
-    from gsnr_diag.report import load_run
+    from gsnr_diag import load_run
 
     run = load_run(out / "run.json")
     assert run["kind"] == "gsnr-diag-run"
@@ -158,6 +158,15 @@ def test_osgr_grid_ran_and_is_finite(osgr):
     """The OSGR grid produced a finite LHS and RHS at every recorded step of every setting."""
     for r in osgr["results"]:
         assert all(v is not None and math.isfinite(v) for v in r["lhs"] + r["rhs"]), r
+
+
+def test_measured_osgr_grows_with_n(osgr):
+    """Eq. 19's message on the CNN: with more training samples per set, a step generalizes better — the
+    measured OSGR (LHS, eq. 23) at step 0 is larger for n = 300 than for n = 100, at each label-noise level.
+    (The quick grid has 4 points, too few to assert a Pearson c; the full grid's c is in docs/REPRODUCTION.md.)"""
+    by = {(r["settings"]["n"], r["settings"]["p_random"]): r for r in osgr["results"]}
+    for p in {k[1] for k in by}:
+        assert by[(300, p)]["lhs"][0] > by[(100, p)]["lhs"][0] + 0.05, p
 
 
 # ----------------------------------------------------------------------------- Appendix A.2 (BatchNorm)

@@ -28,9 +28,7 @@ import torch
 from torch import nn
 
 import common
-from gsnr_diag import GsnrDiagError, gradient_stats
-from gsnr_diag.monitor import Monitor
-from gsnr_diag.training import train
+from gsnr_diag import GsnrDiagError, Monitor, gradient_stats, train
 
 OSGR_QUICK = {"n": (100, 300), "p_random": (0.0,), "channels": (4,), "M": 4, "test_size": 1000,
               "lr": 0.02, "epochs": 20, "record_at": (0, 19)}
@@ -92,7 +90,7 @@ def compare(stats, ref: dict, what: str) -> dict:
 
 
 def main() -> None:
-    p = common.parser(__doc__, "paper-out/bn_network")
+    p = common.parser(__doc__, "out/paper/bn_network")
     args = p.parse_args()
     run = common.Run(args, "bn_network.py")
     if args.quick:

@@ -1,8 +1,9 @@
 """Shared plumbing of the paper-reproduction scripts (examples/paper/*.py).
 
-Only gsnr-diag's public API is used: ``gsnr_diag.gradient_stats``, ``gsnr_diag.monitor.Monitor``,
-``gsnr_diag.training.train``, the experiments, ``gsnr_diag.trajectory.Trajectory`` and the report
-renderer ``gsnr_diag.report`` (``new_run``/``save_run``/``render_html``/``render_pdf``). Everything
+Only gsnr-diag's public API is used (names exported by ``gsnr_diag``): ``gradient_stats``, ``Monitor``,
+``train``, ``shuffled_label_control``, ``osgr_experiment``/``pool_osgr``, ``Trajectory`` and the report
+renderer (``new_run``/``save_run``/``render_html``/``render_pdf``); plus ``corrupt_labels`` from
+``gsnr_diag.experiments.control`` (in that module's ``__all__``). Everything
 here is data loading, the paper's network definitions, figure saving and run bookkeeping.
 
 Each script writes into ``--out``:
@@ -40,7 +41,7 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small settings that finish in under 2 minutes on a 2-core CPU")
     p.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     p.add_argument("--seed", type=int, default=0, help="base seed of the initializations (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: these small models do not gain from more, and a busy CPU makes extra threads slower)")
     p.add_argument("--format", default="svg", help="figure format(s), comma separated: svg, png (default svg)")
     p.add_argument("--report", action="store_true", help="also render the gsnr-diag HTML report (report.html)")
     p.add_argument("--pdf", action="store_true", help="also render the report as PDF (report.pdf; implies --report)")
@@ -107,17 +108,17 @@ class Run:
     def write_run(self, trajectory: Any = None, *, control: Any = None, osgr: Any = None, final_stats: Any = None,
                   metadata: dict[str, Any] | None = None) -> Path:
         """Save a gsnr-diag run JSON (the report's input) and render the report when asked."""
-        from gsnr_diag.report import new_run, save_run
+        from gsnr_diag import new_run, save_run
 
         meta = {"script": self.script, **(metadata or {})}
         run = new_run(trajectory, control=control, osgr=osgr, final_stats=final_stats, metadata=meta)
         path = save_run(run, self.out / "run.json")
         log(f"wrote {path}  (render it with: gsnr-diag render {path} --out report.html)")
         if self.args.report or self.args.pdf:
-            from gsnr_diag.report import render_html, render_pdf, write_html
+            from gsnr_diag import render_html, render_pdf
 
             html = render_html(run)
-            write_html(html, self.out / "report.html")
+            (self.out / "report.html").write_text(html, encoding="utf-8")
             log(f"wrote {self.out / 'report.html'}")
             if self.args.pdf:
                 render_pdf(html, self.out / "report.pdf")
@@ -309,9 +310,9 @@ def osgr_scatter(run: Run, results: Sequence[Any], labels: Sequence[str], name: 
 
 def pool(results: Sequence[Any]) -> Any:
     """The library's pooling helper (per-epoch Pearson c of LHS vs RHS over settings), as plain data."""
-    from gsnr_diag.experiments import osgr as osgr_mod
+    from gsnr_diag import pool_osgr
 
-    pooled = osgr_mod.pool_osgr(list(results))
+    pooled = pool_osgr(list(results))
     return plain(pooled)
 
 

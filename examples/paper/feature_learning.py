@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from gsnr_diag import gradient_stats
-from gsnr_diag.monitor import Monitor
+from gsnr_diag import Monitor, gradient_stats
 
 INITS = ("default", "small")
 SMALL_STD = 0.03
@@ -145,7 +144,7 @@ def table1(cfg: dict) -> dict:
 
 def osgr_grid(run: common.Run, quick: bool, seed: int) -> dict:
     """Appendix A.3: the OSGR experiment on the toy regression over (n, noise level, width)."""
-    from gsnr_diag.experiments.osgr import osgr_experiment
+    from gsnr_diag import osgr_experiment
 
     if quick:
         grid = [(n, noise, w) for n in (50, 200) for noise in (0.01, 0.5) for w in (20,)]
@@ -223,7 +222,7 @@ def plots(run: common.Run, configs: list[dict]) -> dict:
 
 
 def main() -> None:
-    p = common.parser(__doc__, "paper-out/feature_learning")
+    p = common.parser(__doc__, "out/paper/feature_learning")
     p.add_argument("--no-osgr", action="store_true", help="skip the A.3 OSGR grid")
     args = p.parse_args()
     run = common.Run(args, "feature_learning.py")

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 import common
-from gsnr_diag.experiments.control import shuffled_label_control
+from gsnr_diag import shuffled_label_control
 
 KEYS = ("mean_gsnr", "mean_same_sign", "opposite_sign", "opposite_sign_top10", "delta_g_weight_corr",
         "train_loss", "test_loss", "train_accuracy", "test_accuracy", "osgr")
@@ -91,7 +91,7 @@ def plots(run: common.Run, res, spe: int) -> list[str]:
 
 
 def main() -> None:
-    p = common.parser(__doc__, "paper-out/mnist_real_vs_random")
+    p = common.parser(__doc__, "out/paper/mnist_real_vs_random")
     args = p.parse_args()
     run = common.Run(args, "mnist_real_vs_random.py")
     if args.quick:

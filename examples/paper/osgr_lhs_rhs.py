@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 import common
+from gsnr_diag import Monitor, osgr_experiment, train
 from gsnr_diag.experiments.control import corrupt_labels
-from gsnr_diag.experiments.osgr import osgr_experiment
 
 FULL = {"n": (100, 200, 400), "p_random": (0.0, 0.2, 0.5), "channels": (4, 8), "M": 8, "test_size": 1500,
         "lr": 0.02, "epochs": 150, "record_at": (0, 10, 50, 149)}
@@ -70,6 +70,23 @@ def run_grid(cfg: dict, seed: int, build=common.table2_cnn, tag: str = "") -> tu
     return results, labels
 
 
+def context_trajectory(cfg: dict, seed: int):
+    """One monitored full-batch GD run (largest n, clean labels, fewest channels, same lr and steps) for the
+    report. The gsnr-diag report draws its figures, the OSGR scatter included, only for a run that holds a
+    trajectory; the OSGR grid above is the experiment, this run is context."""
+    X, y = common.load_mnist()
+    n, c = max(cfg["n"]), min(cfg["channels"])
+    steps = max(cfg["record_at"]) + 1
+    torch.manual_seed(seed)
+    model = common.table2_cnn(c)
+    record = set(cfg["record_at"])
+    monitor = Monitor(model, (X[:n], y[:n]), nn.CrossEntropyLoss(), test_data=(X[n:n + cfg["test_size"]], y[n:n + cfg["test_size"]]),
+                      every=lambda step: step in record,
+                      metadata={"label": f"context run: n={n}, c={c}, p_random=0, full-batch GD lr={cfg['lr']}"})
+    return train(model, (X[:n], y[:n]), nn.CrossEntropyLoss(), epochs=steps, lr=cfg["lr"], monitor=monitor,
+                 seed=seed, progress=False)
+
+
 def summarize(results: list, labels: list[str]) -> dict:
     per_epoch = common.per_epoch_pearson(results)
     try:
@@ -80,7 +97,7 @@ def summarize(results: list, labels: list[str]) -> dict:
 
 
 def main() -> None:
-    p = common.parser(__doc__, "paper-out/osgr_lhs_rhs")
+    p = common.parser(__doc__, "out/paper/osgr_lhs_rhs")
     args = p.parse_args()
     run = common.Run(args, "osgr_lhs_rhs.py")
     cfg = QUICK if args.quick else FULL
@@ -109,7 +126,8 @@ def main() -> None:
                      "seed": args.seed, "note": "'epochs' are full-batch GD steps; LHS at t uses the step t -> t+1"})
     run.write_results({"experiment": "OSGR LHS vs RHS (Sec. 2.4, Fig. 4)", "settings": settings, **summary,
                        "findings": findings, "figures": figs})
-    run.write_run(None, osgr=results, metadata={"experiment": "OSGR LHS vs RHS grid, Table 2 CNN on MNIST",
+    traj = context_trajectory(cfg, args.seed)
+    run.write_run(traj, osgr=results, metadata={"experiment": "OSGR LHS vs RHS grid, Table 2 CNN on MNIST",
                                                 "findings": findings})
     print(f"findings: {common.plain(findings)}")
 
