@@ -81,6 +81,9 @@ def save_run(run: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_plain(run), indent=1, allow_nan=False)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a saved run is an ordinary file to share
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -377,13 +377,56 @@ GUIDES = {
 }
 
 
+def _osgr_scatter_figure(run: dict[str, Any]) -> FigureView:
+    """Fig. 4: LHS (eq. 23) against RHS (eq. 19/24) of the OSGR experiment, or a note when absent."""
+    results = [r for r in (run.get("osgr") or []) if isinstance(r, dict)]
+    if results:
+        by_epoch: dict[int, tuple[list[float], list[float]]] = {}
+        all_l, all_r = [], []
+        for r in results:
+            for e, lhs, rhs in zip(r.get("epochs", []), r.get("lhs", []), r.get("rhs", [])):
+                if _num(lhs) is None or _num(rhs) is None:
+                    continue
+                by_epoch.setdefault(int(e), ([], []))
+                by_epoch[int(e)][0].append(float(rhs))
+                by_epoch[int(e)][1].append(float(lhs))
+                all_l.append(float(lhs))
+                all_r.append(float(rhs))
+        c = pearson(all_r, all_l)
+        groups = []
+        for e in sorted(by_epoch):
+            xs, ys = by_epoch[e]
+            ce = pearson(xs, ys)
+            groups.append((f"epoch {e}" + (f" (c = {ce:.2f})" if ce is not None else ""), xs, ys))
+        if groups:
+            title = f"Pearson c = {c:.3f} over {len(all_l)} points" if c is not None else f"{len(all_l)} points"
+            svg = figures.scatter_figure(groups, xlabel="RHS: predicted from GSNR (eq. 19, 24)",
+                                         ylabel="LHS: measured (eq. 23)", title=title)
+            settings = results[0].get("settings") or {}
+            caption = (
+                "OSGR experiment: M training sets of n samples each from one initialization, full-batch gradient "
+                "descent" + (f" (n = {settings.get('n')}, M = {settings.get('M')}, lr = {settings.get('lr')})"
+                             if settings else "") + "."
+            )
+            return FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", svg, caption,
+                              GUIDES["osgr_scatter"])
+        else:
+            return FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", None, "",
+                              GUIDES["osgr_scatter"], "The OSGR experiment produced no finite LHS/RHS pairs.")
+    else:
+        return FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", None, "",
+                          GUIDES["osgr_scatter"],
+                              "The OSGR experiment was not run (use --osgr-sets M to run it), so there is no "
+                              "LHS-vs-RHS scatter.")
+
+
 def _figures(run: dict[str, Any]) -> list[FigureView]:
     snaps = _snapshots(run.get("trajectory"))
     control = run.get("control") or None
     shuffled = _snapshots(control.get("shuffled")) if control else []
     out: list[FigureView] = []
-    if not snaps:
-        return out
+    if not snaps:  # e.g. an OSGR-only run: its scatter needs no trajectory
+        return [_osgr_scatter_figure(run)]
     no_control = (
         "No shuffled-label control in this run (regression task, or run with --no-control), so only the "
         "real-label curve is drawn."
@@ -483,45 +526,7 @@ def _figures(run: dict[str, Any]) -> list[FigureView]:
                           "training samples.", GUIDES["osgr"], note))
 
     # 6. OSGR experiment scatter (Fig. 4)
-    results = [r for r in (run.get("osgr") or []) if isinstance(r, dict)]
-    if results:
-        by_epoch: dict[int, tuple[list[float], list[float]]] = {}
-        all_l, all_r = [], []
-        for r in results:
-            for e, lhs, rhs in zip(r.get("epochs", []), r.get("lhs", []), r.get("rhs", [])):
-                if _num(lhs) is None or _num(rhs) is None:
-                    continue
-                by_epoch.setdefault(int(e), ([], []))
-                by_epoch[int(e)][0].append(float(rhs))
-                by_epoch[int(e)][1].append(float(lhs))
-                all_l.append(float(lhs))
-                all_r.append(float(rhs))
-        c = pearson(all_r, all_l)
-        groups = []
-        for e in sorted(by_epoch):
-            xs, ys = by_epoch[e]
-            ce = pearson(xs, ys)
-            groups.append((f"epoch {e}" + (f" (c = {ce:.2f})" if ce is not None else ""), xs, ys))
-        if groups:
-            title = f"Pearson c = {c:.3f} over {len(all_l)} points" if c is not None else f"{len(all_l)} points"
-            svg = figures.scatter_figure(groups, xlabel="RHS: predicted from GSNR (eq. 19, 24)",
-                                         ylabel="LHS: measured (eq. 23)", title=title)
-            settings = results[0].get("settings") or {}
-            caption = (
-                "OSGR experiment: M training sets of n samples each from one initialization, full-batch gradient "
-                "descent" + (f" (n = {settings.get('n')}, M = {settings.get('M')}, lr = {settings.get('lr')})"
-                             if settings else "") + "."
-            )
-            out.append(FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", svg, caption,
-                                  GUIDES["osgr_scatter"]))
-        else:
-            out.append(FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", None, "",
-                                  GUIDES["osgr_scatter"], "The OSGR experiment produced no finite LHS/RHS pairs."))
-    else:
-        out.append(FigureView("fig-osgr-scatter", "OSGR by definition vs predicted (Fig. 4)", None, "",
-                              GUIDES["osgr_scatter"],
-                              "The OSGR experiment was not run (use --osgr-sets M to run it), so there is no "
-                              "LHS-vs-RHS scatter."))
+    out.append(_osgr_scatter_figure(run))
 
     # 7. losses and accuracy
     _, trl = _series(snaps, "train_loss")
