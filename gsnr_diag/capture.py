@@ -28,6 +28,7 @@ worth reusing) behind our own hooks.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -382,7 +383,11 @@ class GradientCapture:
                 out = functional_call(model, state, (xb,))
             return loss_fn(out, yi.unsqueeze(0)).reshape(())
 
-        return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
+        with warnings.catch_warnings():
+            # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
+            # attention) and says so once per op; the result is exact, so keep the user's log clean.
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
 
     def _per_sample_loop(self, x: Inputs, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         """Batch-of-one loop: obviously correct, slow; the last resort."""

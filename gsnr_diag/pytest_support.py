@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import pytest
 
+from .floats import clean_float
+
 __all__ = [
     "THRESHOLDS",
     "Threshold",
@@ -253,14 +255,7 @@ def kind_of(result: Any) -> str:
     return "stats"
 
 
-def _clean(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+_clean = clean_float
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:

@@ -20,7 +20,6 @@ Two file formats, both read by :meth:`Trajectory.load`:
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GsnrDiagError, TrajectoryFormatError
+from .floats import clean_float
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -55,15 +55,6 @@ class TruncatedTrajectoryWarning(UserWarning):
     """The last line of a JSONL trajectory was cut off (a run killed while writing); it was skipped."""
 
 
-def clean_float(x: Any) -> float | None:
-    """A finite Python float, or ``None`` for ``None``/NaN/inf (JSON has no NaN)."""
-    if x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _clean_map(d: dict[str, Any] | None) -> dict[str, float | None]:

@@ -10,13 +10,6 @@ from gsnr_diag.errors import DataError, TrajectoryFormatError
 from gsnr_diag.experiments.control import ControlResult, control_verdict, corrupt_labels, shuffled_label_control
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 D, C = 20, 4
 

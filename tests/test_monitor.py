@@ -21,14 +21,6 @@ from gsnr_diag.trajectory import Trajectory, TruncatedTrajectoryWarning
 from gsnr_diag.training import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and steadiest on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _clf_data(n=64, d=5, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)

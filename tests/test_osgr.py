@@ -13,13 +13,6 @@ from gsnr_diag.errors import DataError, TrajectoryFormatError
 from gsnr_diag.experiments.osgr import OSGRPool, OSGRResult, osgr_experiment, osgr_lhs, osgr_rhs, pool_osgr
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _clusters(N=3000, seed=1, d=10, C=3):
     centers = torch.randn(C, d, generator=torch.Generator().manual_seed(0))

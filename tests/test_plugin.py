@@ -422,7 +422,7 @@ def test_bad_report_suffix(pt):
 
 
 def test_readme_section_shows_the_example_file():
-    doc = (EXAMPLE.parents[1] / "docs" / "readme" / "plugin.md").read_text()
+    doc = (EXAMPLE.parents[1] / "README.md").read_text()
     assert "```python\n" + EXAMPLE.read_text() + "```" in doc
 
 

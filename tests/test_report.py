@@ -234,3 +234,11 @@ def test_pdf_large_run_pages_text_and_size(tmp_path):
         first = metric.display.split(" ")[0]
         assert first in norm, (metric.label, first)
     assert "page 1 of" in norm  # page numbers from the print CSS
+
+
+def test_osgr_only_run_still_draws_its_scatter():
+    run = fake_run(control=False, osgr=True)
+    run["trajectory"] = None
+    html = render_html(run)
+    assert 'id="fig-osgr-scatter"' in html or "fig-osgr-scatter" in html
+    assert "<svg" in html

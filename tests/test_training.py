@@ -11,14 +11,6 @@ from gsnr_diag.monitor import Monitor
 from gsnr_diag.training import NonFiniteLossWarning, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and steadiest on a shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _reg_data(n=200, seed=1):
     """Sec. 3.2: x ~ U[-1, 1]², y = x0·x1 + ε, ε ~ U[-0.01, 0.01]."""

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..floats import clean_float
 from . import figures
 
 __all__ = [
@@ -42,14 +43,7 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
 # ----------------------------------------------------------------------------- helpers
 
 
-def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+_num = clean_float
 
 
 def fmt(x: Any, digits: int = 3) -> str:
