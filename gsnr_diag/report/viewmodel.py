@@ -428,7 +428,8 @@ def _figures(run: dict[str, Any]) -> list[FigureView]:
 
     # 1. mean GSNR, log scale, real vs shuffled
     steps, g = _series(snaps, "mean_gsnr")
-    series = [figures.Series("real labels", steps, g, style=0)]
+    main_label = "real labels" if shuffled else "training set"  # "real" only means something beside a control
+    series = [figures.Series(main_label, steps, g, style=0)]
     if shuffled and _has(_series(shuffled, "mean_gsnr")[1]):
         series.append(figures.Series("shuffled labels", *_series(shuffled, "mean_gsnr"), style=1))
     out.append(
@@ -469,7 +470,7 @@ def _figures(run: dict[str, Any]) -> list[FigureView]:
     # 3. same-sign fraction
     _, ss = _series(snaps, "mean_same_sign")
     if _has(ss):
-        series = [figures.Series("real labels", steps, ss, style=0)]
+        series = [figures.Series(main_label, steps, ss, style=0)]
         if shuffled and _has(_series(shuffled, "mean_same_sign")[1]):
             series.append(figures.Series("shuffled labels", *_series(shuffled, "mean_same_sign"), style=1))
         svg = figures.line_figure(series, xlabel="training step", ylabel="mean same-sign fraction",
