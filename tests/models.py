@@ -83,6 +83,56 @@ class KeywordInputs(TwoInputs):
         return super().forward(image, extra)
 
 
+class TimeFirst(nn.Module):
+    """A token layer fed [T, B, E] (sequence-first), the layout per-layer samplers cannot see through."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: [B, T, 4]
+        return self.head(torch.relu(self.token(x.transpose(0, 1))).mean(0))
+
+
+class FoldedBatch(nn.Module):
+    """A layer applied to [B·k, d]: the batch folded with another dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.part = nn.Linear(4, 5)
+        self.head = nn.Linear(15, 3)
+
+    def forward(self, x):  # x: [B, 3, 4]
+        b = x.shape[0]
+        return self.head(torch.tanh(self.part(x.reshape(b * 3, 4))).reshape(b, 15))
+
+
+class ReusedFunctionally(nn.Module):
+    """A module's weight also used outside the module (F.linear on it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(h + nn.functional.linear(h, self.inner.weight))
+
+
+class Recurrent(nn.Module):
+    """nn.LSTM: no grad sampler, and vmap cannot run it, so the batch-of-one loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 def mlp():
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
@@ -135,4 +185,8 @@ def cases():
         "frozen_layer": (frozen_first_layer, rn(24, 6), ri(3, 24)),
         "tied_weights": (TiedLM, ri(11, 24, 4), ri(11, 24)),
         "called_twice": (CalledTwice, rn(24, 4), ri(3, 24)),
+        "time_first": (TimeFirst, rn(24, 7, 4), ri(3, 24)),  # T = 7 = the chunk size 7 of the tests
+        "folded_batch": (FoldedBatch, rn(24, 3, 4), ri(3, 24)),
+        "reused_functionally": (ReusedFunctionally, rn(24, 4), ri(3, 24)),
+        "recurrent": (Recurrent, rn(24, 5, 4), ri(3, 24)),
     }

@@ -78,6 +78,11 @@ def test_capture_paths_recorded():
     assert paths["bare_parameter"][""] in ("functorch", "loop")
     assert paths["self_attention"]["encoder.self_attn"] in ("functorch", "loop")
     assert paths["mlp"]["0"] == "moment-rule"
+    # layouts the per-layer paths cannot handle are detected and go to the fallback
+    assert paths["time_first"]["token"] in ("functorch", "loop")
+    assert paths["folded_batch"]["part"] in ("functorch", "loop")
+    assert paths["reused_functionally"]["inner"] in ("functorch", "loop")
+    assert paths["recurrent"]["rnn"] == "loop"
     for name, p in paths.items():
         assert p, name
         assert set(p.values()) <= {"moment-rule", "grad-sampler", "functorch", "loop"}, (name, p)
