@@ -223,8 +223,9 @@ class GradientCapture:
                     info.problem = "its input does not have the samples in dimension 0"
                     break
                 if a.is_floating_point():
-                    scale = float(a.abs().max()) if a.numel() else 0.0
-                    mixed = not torch.allclose(a[1:], b[1:], rtol=1e-5, atol=1e-6 * scale + 1e-30)
+                    finite = a[torch.isfinite(a)]
+                    scale = float(finite.abs().max()) if finite.numel() else 0.0
+                    mixed = not torch.allclose(a[1:], b[1:], rtol=1e-5, atol=1e-6 * scale + 1e-30, equal_nan=True)
                 else:
                     mixed = not torch.equal(a[1:], b[1:])
                 if mixed:
