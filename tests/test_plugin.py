@@ -465,11 +465,14 @@ def test_importing_the_plugin_is_light():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["[]", "[]"], proc.stdout
     # import time of the plugin on top of pytest itself, from python -X importtime (microseconds)
-    proc = _python("-X", "importtime", "-c", "import pytest; import gsnr_diag.plugin")
-    assert proc.returncode == 0, proc.stderr
-    cumulative = {ln.split("|")[2].strip(): int(ln.split("|")[1]) for ln in proc.stderr.splitlines()
-                  if ln.startswith("import time:") and ln.count("|") == 2 and "cumulative" not in ln}
-    assert cumulative["gsnr_diag.plugin"] < 50_000, proc.stderr[-2000:]
+    times = []
+    for _ in range(3):  # wall-clock import time: the least disturbed of three runs
+        proc = _python("-X", "importtime", "-c", "import pytest; import gsnr_diag.plugin")
+        assert proc.returncode == 0, proc.stderr
+        cumulative = {ln.split("|")[2].strip(): int(ln.split("|")[1]) for ln in proc.stderr.splitlines()
+                      if ln.startswith("import time:") and ln.count("|") == 2 and "cumulative" not in ln}
+        times.append(cumulative["gsnr_diag.plugin"])
+    assert min(times) < 50_000, (times, proc.stderr[-2000:])
 
 
 def test_plugin_adds_under_50ms_to_pytest_startup(tmp_path):
