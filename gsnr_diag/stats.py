@@ -89,10 +89,11 @@ def opposite_sign_fraction(
 
 
 def _nanmean(t: torch.Tensor) -> float | None:
-    ok = ~torch.isnan(t)
-    if not bool(ok.any()):
+    """Mean over the defined (non-NaN) elements; ``None`` when there are none."""
+    count = int((~torch.isnan(t)).sum())
+    if count == 0:
         return None
-    return float(t[ok].mean())
+    return float(torch.nansum(t)) / count
 
 
 def _finite_or_none(x: float | None) -> float | None:
