@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data import Inputs, call_model, tree_map
+from .data import Inputs, call_model, model_arguments, tensor_leaves, tree_map
 from .errors import LossError, ModelError, NonFiniteGradientError
 from .moments import ChunkMoments, Moments
 from .rules import DEFAULT_MAX_MEMORY_MB, find_grad_sampler, find_moment_rule, sample_blocks
@@ -195,8 +195,7 @@ class GradientCapture:
             self._probed = n >= 2 or not self._modules
             return
         first = tree_map(lambda t: t[:n], x)
-        leaves: list[torch.Tensor] = []
-        tree_map(lambda t: leaves.append(t), first)
+        leaves = tensor_leaves(first)
         other = next(
             (j for j in range(1, n) if any(not torch.equal(t[j], t[0]) for t in leaves)), None
         )
@@ -458,13 +457,8 @@ class GradientCapture:
 
         def loss_one(free_params, xi, yi):
             xb = tree_map(lambda t: t.unsqueeze(0), xi)
-            state = ({**fixed, **free_params}, buffers)
-            if isinstance(xb, dict):
-                out = functional_call(model, state, (), xb)
-            elif isinstance(xb, (tuple, list)):
-                out = functional_call(model, state, tuple(xb))
-            else:
-                out = functional_call(model, state, (xb,))
+            args, kwargs = model_arguments(xb)
+            out = functional_call(model, ({**fixed, **free_params}, buffers), args, kwargs)
             return loss_fn(out, yi.unsqueeze(0)).reshape(())
 
         with warnings.catch_warnings():

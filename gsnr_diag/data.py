@@ -44,7 +44,7 @@ def tree_map(fn: Callable[[torch.Tensor], Any], x: Inputs) -> Inputs:
     return x
 
 
-def _leaves(x: Inputs) -> list[torch.Tensor]:
+def tensor_leaves(x: Inputs) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     tree_map(lambda t: out.append(t), x)
     return out
@@ -74,7 +74,7 @@ def _check_batch(item: Any, index: int) -> Batch:
             f"data: the target y of batch {index} is a scalar; batches need a leading sample dimension "
             "(did you pass a single sample instead of a batch?)"
         )
-    leaves = _leaves(x)
+    leaves = tensor_leaves(x)
     if not leaves:
         raise DataError(
             f"data: the input x of batch {index} is a {type(x).__name__} holding no tensors; "
@@ -99,8 +99,8 @@ def _raw_batches(data: Any, batch_size: int | None) -> Iterator[Batch]:
         and len(data) == 2
         and isinstance(data[1], torch.Tensor)
         and not isinstance(data[0], (tuple, list))  # (X, Y) where X is a tensor or dict
-        and all(isinstance(t, torch.Tensor) for t in _leaves(data[0]))
-        and _leaves(data[0])
+        and all(isinstance(t, torch.Tensor) for t in tensor_leaves(data[0]))
+        and tensor_leaves(data[0])
     ):
         x, y = _check_batch(tuple(data), 0)
         n = y.shape[0]
@@ -198,10 +198,16 @@ def count_samples(data: Any) -> int | None:
     return None
 
 
+def model_arguments(x: Inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for calling a model on ``x``: a tensor, a positional tuple or a keyword dict."""
+    if isinstance(x, Mapping):
+        return (), dict(x)
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
 def call_model(model: torch.nn.Module, x: Inputs) -> Any:
     """Call ``model`` with ``x`` as a tensor, positional tuple, or keyword dict."""
-    if isinstance(x, Mapping):
-        return model(**x)
-    if isinstance(x, (tuple, list)):
-        return model(*x)
-    return model(x)
+    args, kwargs = model_arguments(x)
+    return model(*args, **kwargs)

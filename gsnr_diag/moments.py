@@ -151,11 +151,6 @@ def _present(t: torch.Tensor | None, name: str) -> torch.Tensor:
     return t
 
 
-def _require(t: torch.Tensor | None, name: str) -> torch.Tensor:
-    if t is None:
-        raise ValueError(f"moments of {name!r} carry no sign counts but signs=True")
-    return t.to(torch.float64)
-
 
 def all_reduce_moments(moments: Moments, group=None) -> Moments:
     """Combine the moments of every ``torch.distributed`` rank into those of the union (in place).

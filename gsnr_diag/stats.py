@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .floats import clean_float
 from .moments import Moments
 
 __all__ = [
@@ -94,10 +95,6 @@ def _nanmean(t: torch.Tensor) -> float | None:
     if count == 0:
         return None
     return float(torch.nansum(t)) / count
-
-
-def _finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 @dataclass
@@ -309,12 +306,12 @@ def stats_from_moments(
         var=var,
         gsnr=gsnr,
         same_sign=same_sign,
-        mean_gsnr=_finite_or_none(mean_gsnr),
+        mean_gsnr=clean_float(mean_gsnr),
         gsnr_quantiles=quantiles,
-        layer_gsnr={k: _finite_or_none(v) for k, v in layer_gsnr.items()},
+        layer_gsnr={k: clean_float(v) for k, v in layer_gsnr.items()},
         layer_same_sign=layer_same_sign,
         mean_same_sign=mean_same_sign,
-        osgr=_finite_or_none(osgr_single_set(list(mean.values()), list(var.values()), n)),
+        osgr=clean_float(osgr_single_set(list(mean.values()), list(var.values()), n)),
         opposite_sign=opposite_sign_fraction(w, mean),
         opposite_sign_top10=opposite_sign_fraction(w, mean, top_fraction=0.1),
         undefined=int(torch.isnan(flat_r).sum()),
