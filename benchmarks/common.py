@@ -106,7 +106,7 @@ def method_gsnr(model, X, Y, loss_fn, signs=True, fresh=False):
     accumulators (a call on a single batch; the accumulators are allocated every time).
     """
     from gsnr_diag.capture import GradientCapture
-    from gsnr_diag.moments import Moments
+    from gsnr_diag.core.moments import Moments
 
     cap = GradientCapture(model, loss_fn, signs=signs).__enter__()
     moments = Moments(signs=signs)

@@ -54,8 +54,8 @@ _lazy(
     "TrajectoryFormatError",
 )
 _lazy(".measure", "gradient_stats")
-_lazy(".moments", "ChunkMoments", "Moments")
-_lazy(".stats", "GradientStats")
+_lazy(".core.moments", "ChunkMoments", "Moments")
+_lazy(".core.stats", "GradientStats")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .errors import (  # noqa: F401
@@ -68,16 +68,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
         TrajectoryFormatError,
     )
     from .measure import gradient_stats  # noqa: F401
-    from .moments import ChunkMoments, Moments  # noqa: F401
-    from .stats import GradientStats  # noqa: F401
+    from .core.moments import ChunkMoments, Moments  # noqa: F401
+    from .core.stats import GradientStats  # noqa: F401
 
-# --- dynamics exports (issue 3: monitor, trajectory, training, experiments) ---
+# --- dynamics and experiments ---
 _lazy(".experiments", "ControlResult", "OSGRPool", "OSGRResult", "osgr_experiment", "pool_osgr", "shuffled_label_control")
-_lazy(".monitor", "Monitor", "linear", "logarithmic")
-_lazy(".trajectory", "Snapshot", "Trajectory")
-_lazy(".training", "train")
+_lazy(".dynamics.monitor", "Monitor")
+_lazy(".dynamics.schedules", "linear", "logarithmic")
+_lazy(".dynamics.trajectory", "Snapshot", "Trajectory")
+_lazy(".dynamics.training", "train")
 
-# --- report exports (issue 4) ---
+# --- report ---
 _lazy(".report", "render_html", "render_pdf", "load_run", "save_run", "new_run")
 
 # --- plugin exports (issue 5) ---

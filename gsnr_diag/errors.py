@@ -34,3 +34,7 @@ class TrajectoryFormatError(GsnrDiagError, ValueError):
 
 class ThresholdError(GsnrDiagError, AssertionError):
     """A measured value is below a user-given threshold."""
+
+
+class MonitorError(GsnrDiagError, ValueError):
+    """A Monitor argument (schedule, task, extra numbers, step) is invalid."""

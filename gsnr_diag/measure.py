@@ -14,8 +14,8 @@ from torch import nn
 from .capture import GradientCapture
 from .data import iter_batches
 from .errors import DataError, ModelError
-from .moments import Moments, all_reduce_moments
-from .stats import GradientStats, stats_from_moments
+from .core.moments import Moments, all_reduce_moments
+from .core.stats import GradientStats, stats_from_moments
 
 __all__ = ["gradient_stats", "preserved_state", "model_device"]
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from gsnr_diag.modelfile import ModelFileError, UserCodeError, load_model_file, split_data
+from gsnr_diag.cli.modelfile import ModelFileError, UserCodeError, load_model_file, split_data
 
 GOOD = """
 import torch

@@ -16,9 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gsnr_diag import gradient_stats
-from gsnr_diag.monitor import Monitor, MonitorError, delta_g_weight_corr, linear, logarithmic, pearson
-from gsnr_diag.trajectory import Trajectory, TruncatedTrajectoryWarning
-from gsnr_diag.training import train
+from gsnr_diag.core.correlation import pearson
+from gsnr_diag.dynamics.monitor import Monitor, MonitorError, delta_g_weight_corr
+from gsnr_diag.dynamics.schedules import linear, logarithmic
+from gsnr_diag.dynamics.trajectory import Trajectory, TruncatedTrajectoryWarning
+from gsnr_diag.dynamics.training import train
 
 
 
@@ -165,7 +167,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
     from torch import nn
-    from gsnr_diag.monitor import Monitor
+    from gsnr_diag.dynamics.monitor import Monitor
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(32, 4); y = torch.randint(0, 2, (32,))

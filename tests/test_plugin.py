@@ -20,9 +20,9 @@ import torch  # noqa: F401, E402
 
 import gsnr_diag.experiments.control  # noqa: F401, E402
 import gsnr_diag.measure  # noqa: F401, E402
-import gsnr_diag.monitor  # noqa: F401, E402
+import gsnr_diag.dynamics.monitor  # noqa: F401, E402
 import gsnr_diag.report.run  # noqa: F401, E402
-import gsnr_diag.training  # noqa: F401, E402
+import gsnr_diag.dynamics.training  # noqa: F401, E402
 import jinja2  # noqa: F401, E402
 import opacus  # noqa: F401, E402
 
@@ -376,7 +376,7 @@ def test_track_control_report_and_json(pt, tmp_path):
         "test_dyn.py_test_control_passes--2-stats.json",
     ]
     from gsnr_diag.experiments.control import ControlResult
-    from gsnr_diag.trajectory import Trajectory
+    from gsnr_diag.dynamics.trajectory import Trajectory
 
     run_json = json.loads((save / "test_dyn.py_test_control_passes--1-control.json").read_text())
     assert run_json["kind"] == "gsnr-diag-run" and run_json["metadata"]["test"] == "test_dyn.py::test_control_passes"

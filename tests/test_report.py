@@ -169,8 +169,8 @@ def test_with_control_and_osgr_everything_is_drawn():
 
 def test_user_strings_are_escaped():
     """A module registered under a name containing <script> appears escaped, never as markup."""
-    from gsnr_diag.monitor import Monitor
-    from gsnr_diag.training import train
+    from gsnr_diag.dynamics.monitor import Monitor
+    from gsnr_diag.dynamics.training import train
 
     evil = "<script>alert(1)</script>"
     torch.manual_seed(0)

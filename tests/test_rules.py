@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gsnr_diag import gradient_stats
-from gsnr_diag import rules
+from gsnr_diag.capture import blocks as rules
 from reference import reference_stats
 
 RTOL = 1e-5

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from gsnr_diag.errors import DataError, GsnrDiagError, ModelError
-from gsnr_diag.monitor import Monitor
-from gsnr_diag.training import NonFiniteLossWarning, train
+from gsnr_diag.dynamics.monitor import Monitor
+from gsnr_diag.dynamics.training import NonFiniteLossWarning, train
 
 
 
@@ -83,7 +83,7 @@ def test_nan_loss_stops_and_keeps_trajectory(tmp_path):
         traj = train(m, (x, y), nn.MSELoss(), epochs=200, lr=50.0, monitor=mon, progress=False)
     assert 1 <= len(traj) < 200
     assert "stopped" in traj.metadata
-    from gsnr_diag.trajectory import Trajectory
+    from gsnr_diag.dynamics.trajectory import Trajectory
 
     on_disk = Trajectory.load(tmp_path / "r.jsonl")
     assert on_disk.steps == traj.steps and "stopped" in on_disk.metadata

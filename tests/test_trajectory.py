@@ -8,7 +8,7 @@ import math
 import pytest
 
 from gsnr_diag.errors import GsnrDiagError, TrajectoryFormatError
-from gsnr_diag.trajectory import (
+from gsnr_diag.dynamics.trajectory import (
     SCHEMA_VERSION,
     Snapshot,
     Trajectory,

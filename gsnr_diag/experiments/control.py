@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..errors import DataError, ModelError
-from ..monitor import Monitor
-from ..trajectory import Trajectory, clean_float
-from ..training import materialize, train
+from ..dynamics.monitor import Monitor
+from ..dynamics.trajectory import Trajectory, clean_float
+from ..dynamics.training import materialize, train
 
 __all__ = ["ControlResult", "shuffled_label_control", "corrupt_labels", "gsnr_ratio", "control_verdict", "build_seeded"]
 

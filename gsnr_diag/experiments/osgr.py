@@ -41,9 +41,9 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..data import Inputs, call_model, tree_map
 from ..errors import DataError, TrajectoryFormatError
 from ..measure import gradient_stats
-from ..monitor import pearson
-from ..trajectory import clean_float
-from ..training import materialize
+from ..core.correlation import pearson
+from ..dynamics.trajectory import clean_float
+from ..dynamics.training import materialize
 from .control import build_seeded, check_classification, corrupt_labels
 
 __all__ = ["OSGRResult", "OSGRPool", "osgr_experiment", "osgr_lhs", "osgr_rhs", "pool_osgr"]

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..floats import clean_float
+from .._io import clean_float
+from ..core.correlation import pearson
 from . import figures
 
 __all__ = [
@@ -82,21 +83,6 @@ def _status_low(value: float | None, key: str) -> str:
         return "n/a"
     good, watch = THRESHOLDS[key]
     return "good" if value <= good else "watch" if value <= watch else "bad"
-
-
-def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    """Pearson correlation of paired finite values; None with fewer than 3 pairs or no spread."""
-    pts = [(float(a), float(b)) for a, b in zip(xs, ys) if _num(a) is not None and _num(b) is not None]
-    if len(pts) < 3:
-        return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxy = sum((a - mx) * (b - my) for a, b in pts)
-    sxx = sum((a - mx) ** 2 for a, _ in pts)
-    syy = sum((b - my) ** 2 for _, b in pts)
-    if sxx <= 0 or syy <= 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
 
 
 def _snapshots(traj: dict[str, Any] | None) -> list[dict[str, Any]]:

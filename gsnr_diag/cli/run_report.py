@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..modelfile import ModelFile, call_user, traceback_enters, user_traceback, UserCodeError
-from .run import new_run, save_run
+from .modelfile import ModelFile, call_user, traceback_enters, user_traceback, UserCodeError
+from ..report.run import new_run, save_run
 
 __all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "DEFAULTS"]
 
@@ -98,7 +98,7 @@ def _infer_task(loss_fn: Any, data: Any) -> str:
 
 
 def _schedule(total_steps: int, every: int | None):
-    from ..monitor import linear, logarithmic
+    from ..dynamics.monitor import linear, logarithmic
 
     if every is not None:
         return linear(every), f"every {every} steps"
@@ -133,8 +133,8 @@ def run_report(
     import torch
     from torch import nn
 
-    from ..monitor import Monitor, library_versions
-    from ..training import train
+    from ..dynamics.monitor import Monitor, library_versions
+    from ..dynamics.training import train
 
     torch.manual_seed(settings.seed)
     model = mf.build()
@@ -274,7 +274,7 @@ def _train_with_control(mf, model, train_data, test_data, loss_fn, settings, sch
     import torch
 
     from ..experiments.control import ControlResult, check_classification, control_verdict, corrupt_labels, gsnr_ratio
-    from ..training import materialize, train
+    from ..dynamics.training import materialize, train
 
     X, Y = materialize(train_data)
     check_classification(Y, "the shuffled-label control (--control)")

@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from .errors import GsnrDiagError
+from ..errors import GsnrDiagError
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
@@ -130,7 +130,7 @@ def report(model_file: Path, epochs, lr, batch_size, full_batch, device, seed, e
     start = time.perf_counter()
     try:
         mf = load_model_file(model_file)
-        from .report.pipeline import resolve_settings, run_report
+        from .run_report import resolve_settings, run_report
 
         settings = resolve_settings(mf, epochs=epochs, lr=lr, batch_size=batch_size, full_batch=full_batch,
                                     seed=seed, device=device, every=every, control=control, osgr_sets=osgr_sets)
@@ -166,7 +166,7 @@ def _check_device(device: str) -> None:
 
 
 def _write_outputs(run: dict[str, Any], out: Path, pdf: Path | None, say) -> None:
-    from .report import render_html, render_pdf, write_html
+    from ..report import render_html, render_pdf, write_html
 
     try:
         html = render_html(run)
@@ -190,7 +190,7 @@ def _write_outputs(run: dict[str, Any], out: Path, pdf: Path | None, say) -> Non
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 def render(run_json: Path, out: Path | None, pdf: Path | None, quiet: bool) -> None:
     """Re-render a saved run (from `report --run-json`) without training."""
-    from .report import load_run
+    from ..report import load_run
 
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     try:
@@ -225,8 +225,8 @@ def stats(model_file: Path, weights: Path | None, device: str, seed: int, batch_
         import torch
         from torch import nn
 
-        from .measure import gradient_stats
-        from .report.pipeline import _infer_task
+        from ..measure import gradient_stats
+        from .run_report import _infer_task
 
         mf = load_model_file(model_file)
         _check_device(device)
@@ -304,7 +304,7 @@ def check(run_json: Path, **thresholds: float | None) -> None:
     A threshold on a quantity the run did not measure (e.g. --min-control-ratio without a
     control) fails: a CI gate should not pass on missing evidence.
     """
-    from .report import load_run, verdict_values
+    from ..report import load_run, verdict_values
 
     try:
         run = load_run(run_json)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .floats import clean_float
+from .._io import clean_float
 from .moments import Moments
 
 __all__ = [
@@ -206,7 +206,7 @@ class GradientStats:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GradientStats":
         """Inverse of :meth:`to_dict` (tensors come back as float64 CPU tensors)."""
-        from .errors import TrajectoryFormatError
+        from ..errors import TrajectoryFormatError
 
         version = d.get("schema_version", SCHEMA_VERSION)
         if version > SCHEMA_VERSION:

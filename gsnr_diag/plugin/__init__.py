@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import pytest_support as _support
+from . import session as _support
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

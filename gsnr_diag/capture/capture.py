@@ -1,9 +1,9 @@
 """Per-sample gradient moments of one chunk, with the model left untouched afterwards.
 
-How a chunk is measured (issue 2 req. 5, issue 7 req. 1):
+How a chunk is measured:
 
 1. One ordinary forward pass with forward hooks on every module that owns trainable
-   parameters and has a moment rule or a grad sampler (ours in :mod:`gsnr_diag.rules`, else
+   parameters and has a moment rule or a grad sampler (ours in the family modules of this package, else
    Opacus' ``GradSampleModule.GRAD_SAMPLERS``). The hook keeps the module's inputs and puts a
    tensor hook on its output to catch the backprops. One ``torch.autograd.grad`` call (which
    never touches ``.grad``) gives the backprops and the batch-mean gradient.
@@ -28,17 +28,18 @@ worth reusing) behind our own hooks.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .data import Inputs, call_model, model_arguments, tensor_leaves, tree_map
-from .errors import LossError, ModelError, NonFiniteGradientError
-from .moments import ChunkMoments, Moments
-from .rules import DEFAULT_MAX_MEMORY_MB, find_grad_sampler, find_moment_rule, sample_blocks
+from ..core.moments import ChunkMoments, Moments
+from ..data import Inputs, call_model, tensor_leaves, tree_map
+from ..errors import LossError, ModelError, NonFiniteGradientError
+from .blocks import sample_blocks
+from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop
+from .registry import DEFAULT_MAX_MEMORY_MB, RuleContext, find_grad_sampler, find_moment_rule
 
 PATH_RULE = "moment-rule"
 PATH_SAMPLER = "grad-sampler"
@@ -259,14 +260,14 @@ class GradientCapture:
         except Exception as exc:
             raise ModelError(
                 f"model: the forward pass failed on a chunk of {int(y.shape[0])} samples "
-                f"(inputs {_describe(x)}): {type(exc).__name__}: {exc}"
+                f"(inputs {describe(x)}): {type(exc).__name__}: {exc}"
             ) from exc
         try:
             loss = self.loss_fn(output, y)
         except Exception as exc:
             raise LossError(
-                f"loss_fn: raised {type(exc).__name__} on model output {_describe(output)} and target "
-                f"{_describe(y)}: {exc}. loss_fn(output, target) must return the batch mean of "
+                f"loss_fn: raised {type(exc).__name__} on model output {describe(output)} and target "
+                f"{describe(y)}: {exc}. loss_fn(output, target) must return the batch mean of "
                 "per-sample losses, e.g. nn.CrossEntropyLoss() or F.mse_loss"
             ) from exc
         if not isinstance(loss, torch.Tensor):
@@ -296,7 +297,7 @@ class GradientCapture:
             finally:
                 self._enabled = False
             plist = [self.params[k] for k in hooked]
-            uses = _parameter_uses(loss)
+            uses = parameter_uses(loss)
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
             batch_grad = {k: g for k, g in zip(hooked, grads)}
             del loss
@@ -344,8 +345,9 @@ class GradientCapture:
             done = False
             if len(calls) == 1 and not shared and rule is not None:
                 grads = _Grads({self.params[k]: batch_grad[k] for k in names if batch_grad.get(k) is not None})
-                out = rule(module, calls[0].activations, calls[0].backprops * batch, self.signs,
-                           budget=self.budget, grads=grads, scratch=self._scratch)
+                ctx = RuleContext(calls[0].activations, calls[0].backprops * batch, self.signs, self.budget,
+                                  grads, self._scratch)
+                out = rule(module, ctx)
                 if out is not None:
                     for p, c in out.items():
                         k = self._name_of.get(id(p))
@@ -448,35 +450,10 @@ class GradientCapture:
                     self.paths[mname] = path
 
     def _per_sample_functorch(self, x: Inputs, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        from torch.func import functional_call, grad, vmap
-
-        model, loss_fn = self.model, self.loss_fn
-        fixed = {k: p.detach() for k, p in model.named_parameters()}
-        buffers = dict(model.named_buffers())
-        free = {k: fixed[k] for k in names}
-
-        def loss_one(free_params, xi, yi):
-            xb = tree_map(lambda t: t.unsqueeze(0), xi)
-            args, kwargs = model_arguments(xb)
-            out = functional_call(model, ({**fixed, **free_params}, buffers), args, kwargs)
-            return loss_fn(out, yi.unsqueeze(0)).reshape(())
-
-        with warnings.catch_warnings():
-            # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
-            # attention) and says so once per op; the result is exact, so keep the user's log clean.
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
+        return per_sample_functorch(self.model, self.loss_fn, x, y, names)
 
     def _per_sample_loop(self, x: Inputs, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        """Batch-of-one loop: obviously correct, slow; the last resort."""
-        plist = [self.params[k] for k in names]
-        rows: list[list[torch.Tensor]] = []
-        for i in range(int(y.shape[0])):
-            xi = tree_map(lambda t: t[i : i + 1], x)
-            loss = self._forward_loss(xi, y[i : i + 1])
-            gs = torch.autograd.grad(loss, plist, allow_unused=True)
-            rows.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(plist, gs)])
-        return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
+        return per_sample_loop(self._forward_loss, [self.params[k] for k in names], names, x, y)
 
     # --- non-finite gradients ------------------------------------------------------------
     def _handle_nonfinite(self, x: Inputs, y: torch.Tensor, batch: int, moments: Moments) -> None:
@@ -519,39 +496,3 @@ class _Grads(dict):
         if key in self:
             self.used.add(id(key))
         return super().get(key, default)
-
-
-def _parameter_uses(loss: torch.Tensor) -> dict[int, int]:
-    """{id(parameter): number of autograd edges into it} in the graph of ``loss``.
-
-    Each call of a layer with a moment rule reaches each of its parameters through exactly one
-    edge, so a count above one means the parameter is also used outside that call.
-    """
-    uses: dict[int, int] = {}
-    root = loss.grad_fn
-    if root is None:
-        return uses
-    seen = {root}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:
-                uses[id(var)] = uses.get(id(var), 0) + 1
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return uses
-
-
-def _describe(obj: Any) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"tensor{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
-    if isinstance(obj, dict):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in obj.items()) + "}"
-    if isinstance(obj, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in obj) + ")"
-    return type(obj).__name__

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .floats import clean_float
+from .._io import clean_float
 
 __all__ = [
     "THRESHOLDS",
@@ -398,7 +398,7 @@ class GsnrSession:
         records = [r for r in self.records.values() if r.measurements]
         if not records:
             return
-        from . import pytest_checks
+        from . import fixture as pytest_checks
 
         if self.save_dir is not None:
             try:
@@ -427,6 +427,6 @@ def _plain(obj: Any) -> Any:
 
 def make_fixture(config: Any, node: Any) -> Any:
     """The ``gsnr`` fixture's object for one test (imports :mod:`gsnr_diag.pytest_checks` on first use)."""
-    from .pytest_checks import GsnrFixture
+    from .fixture import GsnrFixture
 
     return GsnrFixture(config.stash[SESSION_KEY], node)

@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import call_model, count_samples, iter_batches
-from .errors import GsnrDiagError
-from .measure import gradient_stats, model_device, preserved_state
-from .stats import GradientStats
+from ..data import call_model, count_samples, iter_batches
+from ..core.correlation import pearson
+from ..errors import GsnrDiagError, MonitorError
+from ..core.stats import GradientStats
+from ..measure import gradient_stats, model_device, preserved_state
+from .schedules import Schedule, _as_schedule, linear, logarithmic
 from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
 
 __all__ = [
@@ -45,92 +47,10 @@ __all__ = [
     "library_versions",
 ]
 
-Schedule = Callable[[int], bool]
 TASKS = ("classification", "regression")
 
 
-class MonitorError(GsnrDiagError, ValueError):
-    """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
-
-
-# ----------------------------------------------------------------------------- schedules
-class linear:  # noqa: N801 - used like a function: every=linear(10)
-    """Schedule ``step -> bool``: true every ``k`` steps from ``start`` (step 0, k, 2k, ... by default)."""
-
-    def __init__(self, k: int, start: int = 0):
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise MonitorError(f"linear(k): expected a positive int, got {k!r}")
-        if not isinstance(start, int) or start < 0:
-            raise MonitorError(f"linear(start=...): expected a non-negative int, got {start!r}")
-        self.k, self.start = k, start
-
-    def __call__(self, step: int) -> bool:
-        return step >= self.start and (step - self.start) % self.k == 0
-
-    def __repr__(self) -> str:
-        return f"linear({self.k}, start={self.start})"
-
-
-class logarithmic:  # noqa: N801
-    """Schedule ``step -> bool``: step 0 and ``per_decade`` log-spaced steps per factor of 10.
-
-    The steps are the distinct values of ``round(start · 10^(i / per_decade))`` for i = 0, 1, ...,
-    up to ``end`` when given (Cockpit-style dense-early recording: GSNR moves fastest at the
-    start of training).
-    """
-
-    def __init__(self, per_decade: int = 10, start: int = 1, end: int | None = None):
-        if not isinstance(per_decade, int) or per_decade < 1:
-            raise MonitorError(f"logarithmic(per_decade): expected a positive int, got {per_decade!r}")
-        if not isinstance(start, int) or start < 1:
-            raise MonitorError(f"logarithmic(start=...): expected an int >= 1, got {start!r}")
-        if end is not None and (not isinstance(end, int) or end < start):
-            raise MonitorError(f"logarithmic(end=...): expected an int >= start, got {end!r}")
-        self.per_decade, self.start, self.end = per_decade, start, end
-        self._steps: set[int] = {0}
-        self._i = 0
-        self._upto = -1
-
-    def _extend(self, step: int) -> None:
-        while self._upto < step:
-            v = int(round(self.start * 10 ** (self._i / self.per_decade)))
-            self._i += 1
-            self._upto = v
-            if self.end is None or v <= self.end:
-                self._steps.add(v)
-            else:
-                self._upto = math.inf  # type: ignore[assignment]
-
-    def __call__(self, step: int) -> bool:
-        self._extend(step)
-        return step in self._steps
-
-    def __repr__(self) -> str:
-        return f"logarithmic(per_decade={self.per_decade}, start={self.start}, end={self.end})"
-
-
-def _as_schedule(every: int | Schedule) -> Schedule:
-    if isinstance(every, int) and not isinstance(every, bool):
-        return linear(every)
-    if callable(every):
-        return every
-    raise MonitorError(f"every: expected a positive int or a schedule step -> bool, got {every!r}")
-
-
 # ----------------------------------------------------------------------------- pure math
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
-    """Pearson correlation of two equally long vectors (float64); ``None`` if either is constant."""
-    x = x.to(torch.float64).flatten()
-    y = y.to(torch.float64).flatten()
-    if x.numel() < 2:
-        return None
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float(xc.square().sum()) * float(yc.square().sum()))
-    if denom == 0 or not math.isfinite(denom):
-        return None
-    return float((xc * yc).sum()) / denom
-
-
 def delta_g_weight_corr(
     previous_mean: dict[str, torch.Tensor], mean: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
 ) -> float | None:
@@ -146,13 +66,13 @@ def delta_g_weight_corr(
         w.append(weights[name].detach().flatten().to("cpu", torch.float64))
     if not dg:
         return None
-    return pearson(torch.cat(dg), torch.cat(w))
+    return pearson(torch.cat(dg).cpu().numpy(), torch.cat(w).numpy())
 
 
 # ----------------------------------------------------------------------------- helpers
 def library_versions() -> dict[str, str]:
     """Versions of python, torch, opacus and gsnr_diag for trajectory metadata."""
-    from . import __version__
+    from .. import __version__
 
     try:
         import opacus

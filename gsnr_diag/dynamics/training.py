@@ -24,9 +24,9 @@ import click
 import torch
 from torch import nn
 
-from .data import Inputs, call_model, count_samples, iter_batches, tree_map
-from .errors import DataError, ModelError
-from .measure import model_device
+from ..data import Inputs, call_model, count_samples, iter_batches, tree_map
+from ..errors import DataError, ModelError
+from ..measure import model_device
 from .monitor import Monitor
 from .trajectory import Trajectory
 
@@ -66,7 +66,7 @@ def _index(x: Inputs, idx: torch.Tensor) -> Inputs:
 
 def _check_loss(loss: Any, step: int) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        from .errors import LossError
+        from ..errors import LossError
 
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise LossError(f"loss_fn: expected a scalar tensor (the batch mean), got {shape} at step {step}")

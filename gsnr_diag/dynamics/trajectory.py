@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import GsnrDiagError, TrajectoryFormatError
-from .floats import clean_float
+from ..errors import GsnrDiagError, TrajectoryFormatError
+from .._io import clean_float
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from .pytest_support import (
+from .session import (
     JSON_SCHEMA_VERSION,
     SPECS,
     SRC_CALL,
@@ -130,7 +130,7 @@ class GsnrFixture:
 
     def stats(self, model: Any, data: Any, loss_fn: Any = None, *, label: str | None = None, **kw: Any) -> Any:
         """:func:`gsnr_diag.gradient_stats` on ``--gsnr-device`` (unless ``device=`` is given), recorded."""
-        from .measure import gradient_stats
+        from ..measure import gradient_stats
 
         if self.device is not None:
             kw.setdefault("device", self.device)
@@ -182,8 +182,8 @@ class GsnrFixture:
         ``optimizer``, ``progress``) to :func:`gsnr_diag.training.train`, with ``seed`` also
         seeding its batch order. The same keywords as :meth:`control`.
         """
-        from .monitor import Monitor
-        from .training import train
+        from ..dynamics.monitor import Monitor
+        from ..dynamics.training import train
 
         model = self._build(build_model, seed)
         monitor = Monitor(
@@ -209,7 +209,7 @@ class GsnrFixture:
         **kw: Any,
     ) -> Any:
         """:func:`gsnr_diag.experiments.control.shuffled_label_control` (real vs shuffled labels), recorded."""
-        from .experiments.control import shuffled_label_control
+        from ..experiments.control import shuffled_label_control
 
         if self.device is not None and "device" not in kw:
             import torch
@@ -245,7 +245,7 @@ class GsnrFixture:
         __tracebackhide__ = True
         self.record.checks.extend(checks)
         if not all(c.passed for c in checks):
-            from .errors import ThresholdError
+            from ..errors import ThresholdError
 
             raise ThresholdError("\n".join(lines))
 
@@ -514,7 +514,7 @@ def write_report(session: GsnrSession, records: list[TestRecord]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".pdf":
         try:
-            from .report.render import render_pdf  # issue 4's renderer, when present
+            from ..report.render import render_pdf
         except ImportError:
             render_pdf = None
         if render_pdf is not None:
@@ -575,7 +575,7 @@ def measurement_run(rec: TestRecord, m: Measurement) -> dict[str, Any]:
         "machine": machine_info(),
     }
     try:
-        from .report.run import new_run
+        from ..report.run import new_run
     except ImportError:
         new_run = None
     if new_run is not None:

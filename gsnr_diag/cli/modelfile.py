@@ -40,7 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from .errors import GsnrDiagError
+from ..errors import GsnrDiagError
 
 __all__ = [
     "ModelFileError",

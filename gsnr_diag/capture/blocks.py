@@ -1,0 +1,102 @@
+"""Shared pieces of the moment rules: sample blocks within a memory budget, exact sign counts, buffers."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.moments import ChunkMoments
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the rules compute in: the parameter's own for float32/float64, float32 below that."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def sample_blocks(batch: int, per_sample_bytes: float, budget: float):
+    """``(start, stop)`` ranges over the samples so that one block holds at most ``budget`` bytes."""
+    step = max(1, int(budget // max(per_sample_bytes, 1.0)))
+    for s in range(0, batch, step):
+        yield s, min(batch, s + step)
+
+
+def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
+    """Moments of materialized per-sample gradients ``g`` [b, *shape] (two-pass, no Σg² − nḡ²).
+
+    float64 input: :meth:`ChunkMoments.from_samples`. float32 input: the two passes run in
+    float32 (the per-sample gradients themselves carry float32 rounding; a two-pass M2 adds
+    only ~1e-7 relative error on top) and the results are stored in float64.
+    """
+    if g.dtype == torch.float64:
+        return ChunkMoments.from_samples(g, signs)
+    g = g.to(torch.float32)
+    mean = g.mean(0)
+    m2 = (g - mean).square_().sum(0)
+    pos = neg = None
+    if signs and g.shape[0] < 2**24:
+        # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
+        sg = torch.sign(g)
+        s_cnt = sg.sum(0)
+        n_cnt = sg.abs_().sum(0)
+        pos = s_cnt.add_(n_cnt).mul_(0.5)
+        neg = n_cnt.sub_(pos)
+    elif signs:
+        pos = (g > 0).sum(0, dtype=torch.float64)
+        neg = (g < 0).sum(0, dtype=torch.float64)
+    return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
+
+
+def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
+    return c if acc is None else acc.combine(c)
+
+
+_INT8_MM_OK: dict[str, bool] = {}
+
+
+def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """xᵀy for matrices with entries in {-1, 0, 1}, exactly, as an integer tensor.
+
+    int8 × int8 → int32 products (``torch._int_mm``, 4–5× faster than float32 on CPUs with
+    VNNI) where the device supports them; otherwise float32, exact for up to 2²⁴ samples
+    (every partial sum is an integer of magnitude ≤ the number of samples), float64 above.
+    """
+    dev = x.device.type
+    if _INT8_MM_OK.get(dev, True) and hasattr(torch, "_int_mm") and x.shape[0] < 2**31:
+        try:
+            if out is not None:
+                return torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8), out=out)
+            r = torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8))
+            _INT8_MM_OK[dev] = True
+            return r
+        except (RuntimeError, NotImplementedError):
+            _INT8_MM_OK[dev] = False
+    dt = torch.float32 if x.shape[0] < 2**24 else torch.float64
+    r = (x.to(dt).t() @ y.to(dt)).to(torch.int32)
+    return r if out is None else out.copy_(r)
+
+
+def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of positive and negative entries of g_i = d_i a_iᵀ over samples i, per (out, in) element.
+
+    sign(d·a) = sign(d)·sign(a), so with S = sign(d)ᵀsign(a) and N = |sign(d)|ᵀ|sign(a)|
+    (the number of samples where g ≠ 0): #pos = (N + S)/2 and #neg = (N − S)/2 — two exact
+    integer matrix products .
+    """
+    sd, sa = torch.sign(d), torch.sign(a)
+    s = _count_mm(sd, sa)
+    n = _count_mm(sd.abs(), sa.abs())
+    pos = torch.add(n, s).bitwise_right_shift_(1)  # (N + S)/2, exact in integers
+    neg = n.sub_(pos)  # N − pos
+    return pos, neg
+
+
+def _buffer(scratch: dict | None, owner: torch.Tensor, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer kept in ``scratch`` (keyed by the parameter and a name), or a new one."""
+    shape = tuple(shape)
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=owner.device)
+    key = (id(owner), name)
+    t = scratch.get(key)
+    if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+        t = scratch[key] = torch.empty(shape, dtype=dtype, device=owner.device)
+    return t
+
+

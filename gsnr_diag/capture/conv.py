@@ -1,0 +1,117 @@
+"""Conv1d/2d/3d: per-sample weight gradients as a grouped convolution (groups = 1) or im2col, in blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.moments import ChunkMoments
+from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
+from .registry import RuleContext, register_moment_rule
+
+def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """im2col: [b, C_in, *spatial] → [b, C_in·∏k, L] with the layer's padding, stride and dilation."""
+    nd = x.ndim - 2
+    padding = layer.padding
+    if isinstance(padding, str) or layer.padding_mode != "zeros":
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * nd
+    if nd == 1:
+        return F.unfold(x.unsqueeze(2), kernel_size=(1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]),
+                        padding=(0, padding[0]), stride=(1, layer.stride[0]))
+    if nd == 2:
+        return F.unfold(x, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding,
+                        stride=layer.stride)
+    from opacus.utils.tensor_utils import unfold3d
+
+    return unfold3d(x, kernel_size=layer.kernel_size, padding=tuple(padding), stride=layer.stride,
+                    dilation=layer.dilation)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_weight_moments_grouped(layer, x: torch.Tensor, d: torch.Tensor, dt: torch.dtype, signs: bool,
+                                 budget: float) -> ChunkMoments:
+    """Per-sample weight gradients of a groups=1 convolution as one convolution per block of b samples.
+
+    g_i[o, c, k] = Σ_p δ_i[o, p] x_i[c, p·stride + k·dilation − pad] is itself a convolution of
+    the input (samples as channels, channels as batch) with δ as a kernel (groups = b, stride
+    and dilation swapped) — the optimized convolution kernels instead of im2col (as in
+    torch's expanded weights).
+    """
+    nd = x.ndim - 2
+    padding = layer.padding
+    if isinstance(padding, str) or layer.padding_mode != "zeros":
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * nd
+    W = layer.weight
+    cout, cin = layer.out_channels, layer.in_channels
+    isz = torch.finfo(dt).bits // 8
+    B = int(x.shape[0])
+    per_sample = 2 * (x[0].numel() + d[0].numel() + 4 * W.numel()) * isz
+    acc = None
+    for s, e in sample_blocks(B, per_sample, budget):
+        n = e - s
+        xb, db = x[s:e].to(dt), d[s:e].to(dt)
+        g = _CONV[nd](xb.transpose(0, 1), db.reshape(n * cout, 1, *db.shape[2:]), None, stride=layer.dilation,
+                      padding=padding, dilation=layer.stride, groups=n)
+        for i in range(nd):
+            g = g.narrow(2 + i, 0, layer.kernel_size[i])
+        g = g.reshape(cin, n, cout, *layer.kernel_size).movedim(0, 2)
+        acc = _combine(acc, samples_moments(g, signs))
+        del g
+    return acc
+
+
+@register_moment_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_moments(layer: nn.modules.conv._ConvNd, ctx: RuleContext) -> dict | None:
+    """Conv1d/2d/3d, block by block over samples (≤ ``budget`` bytes per block).
+
+    groups = 1: per-sample weight gradients as one grouped convolution per block
+    (:func:`_conv_weight_moments_grouped`). groups > 1: unfold (im2col) + batched products;
+    per sample and group, g = δ Uᵀ with δ [C_out/G, L] and U [C_in/G·∏k, L], so only
+    [b, C_out, C_in/G, *k] per-sample gradients and the [b, C_in·∏k, L] unfolded input of
+    one block of b samples exist at a time (≤ ``budget`` bytes); groups never form the
+    cross-group products.
+    """
+    x, d = ctx.activations[0], ctx.backprops
+    signs, budget = ctx.signs, ctx.budget
+    nd = len(layer.kernel_size)
+    if not isinstance(x, torch.Tensor) or x.ndim != nd + 2 or d.ndim != nd + 2:
+        return None  # unbatched input
+    W, bias = layer.weight, layer.bias
+    dt = compute_dtype(W)
+    isz = torch.finfo(dt).bits // 8
+    B, G = int(x.shape[0]), layer.groups
+    cout, cin = layer.out_channels, layer.in_channels
+    K = math.prod(layer.kernel_size)
+    L = math.prod(d.shape[2:])
+    out: dict = {}
+    if W.requires_grad and G == 1:
+        out[W] = _conv_weight_moments_grouped(layer, x, d, dt, signs, budget)
+    elif W.requires_grad:
+        per_sample = (cin * K * L + x[0].numel() + cout * L + W.numel() * 3) * isz + W.numel() * 2
+        acc = None
+        for s, e in sample_blocks(B, per_sample, budget):
+            u = _unfold(layer, x[s:e].to(dt))
+            if u.shape[-1] != L:
+                return None
+            n = e - s
+            u = u.view(n, G, (cin // G) * K, L)
+            db = d[s:e].to(dt).reshape(n, G, cout // G, L)
+            g = torch.matmul(db, u.transpose(-1, -2)).reshape(n, *W.shape)
+            del u
+            acc = _combine(acc, samples_moments(g, signs))
+            del g
+        out[W] = acc
+    if bias is not None and bias.requires_grad:
+        out[bias] = samples_moments(d.to(dt).reshape(B, cout, -1).sum(-1), signs)
+    return out
+
+

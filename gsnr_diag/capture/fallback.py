@@ -1,0 +1,91 @@
+"""Per-sample gradients of the whole model where no rule or sampler applies: torch.func vmap, then a loop.
+
+Also the graph inspection the hook path relies on (how many autograd edges reach each parameter).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import Inputs, model_arguments, tree_map
+
+
+def per_sample_functorch(
+    model: nn.Module, loss_fn: Callable, x: Inputs, y: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients g_i (eq. 1) of parameters ``names`` with ``vmap(grad(loss of one sample))``."""
+    from torch.func import functional_call, grad, vmap
+
+    fixed = {k: p.detach() for k, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    free = {k: fixed[k] for k in names}
+
+    def loss_one(free_params, xi, yi):
+        xb = tree_map(lambda t: t.unsqueeze(0), xi)
+        args, kwargs = model_arguments(xb)
+        out = functional_call(model, ({**fixed, **free_params}, buffers), args, kwargs)
+        return loss_fn(out, yi.unsqueeze(0)).reshape(())
+
+    with warnings.catch_warnings():
+        # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
+        # attention) and says so once per op; the result is exact, so keep the user's log clean.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
+
+
+def per_sample_loop(
+    forward_loss: Callable[[Inputs, torch.Tensor], torch.Tensor],
+    params: list[torch.Tensor],
+    names: list[str],
+    x: Inputs,
+    y: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Batch-of-one loop: obviously correct, slow; the last resort."""
+    rows: list[list[torch.Tensor]] = []
+    for i in range(int(y.shape[0])):
+        xi = tree_map(lambda t: t[i : i + 1], x)
+        loss = forward_loss(xi, y[i : i + 1])
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
+
+
+def parameter_uses(loss: torch.Tensor) -> dict[int, int]:
+    """{id(parameter): number of autograd edges into it} in the graph of ``loss``.
+
+    Each call of a layer with a moment rule reaches each of its parameters through exactly one
+    edge, so a count above one means the parameter is also used outside that call.
+    """
+    uses: dict[int, int] = {}
+    root = loss.grad_fn
+    if root is None:
+        return uses
+    seen = {root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                uses[id(var)] = uses.get(id(var), 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return uses
+
+
+def describe(obj: Any) -> str:
+    """A short description of a tensor tree for error messages: ``tensor(8, 3) float32``."""
+    if isinstance(obj, torch.Tensor):
+        return f"tensor{tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in obj) + ")"
+    return type(obj).__name__

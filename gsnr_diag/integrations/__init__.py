@@ -1,0 +1,1 @@
+"""Integrations with training frameworks and trackers; each imports its framework lazily."""
