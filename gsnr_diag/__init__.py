@@ -58,6 +58,8 @@ _lazy(".core.moments", "ChunkMoments", "Moments")
 _lazy(".core.stats", "GradientStats")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
+    from .core.moments import ChunkMoments, Moments  # noqa: F401
+    from .core.stats import GradientStats  # noqa: F401
     from .errors import (  # noqa: F401
         DataError,
         GsnrDiagError,
@@ -68,11 +70,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
         TrajectoryFormatError,
     )
     from .measure import gradient_stats  # noqa: F401
-    from .core.moments import ChunkMoments, Moments  # noqa: F401
-    from .core.stats import GradientStats  # noqa: F401
 
 # --- dynamics and experiments ---
-_lazy(".experiments", "ControlResult", "OSGRPool", "OSGRResult", "osgr_experiment", "pool_osgr", "shuffled_label_control")
+_lazy(
+    ".experiments", "ControlResult", "OSGRPool", "OSGRResult", "osgr_experiment", "pool_osgr", "shuffled_label_control"
+)
 _lazy(".dynamics.monitor", "Monitor")
 _lazy(".dynamics.schedules", "linear", "logarithmic")
 _lazy(".dynamics.trajectory", "Snapshot", "Trajectory")
@@ -81,4 +83,4 @@ _lazy(".dynamics.training", "train")
 # --- report ---
 _lazy(".report", "render_html", "render_pdf", "load_run", "save_run", "new_run")
 
-# --- plugin exports (issue 5) ---
+# --- plugin: gsnr_diag.plugin (pytest11 entry point), not re-exported here ---

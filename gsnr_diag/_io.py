@@ -1,9 +1,23 @@
-"""The one place that turns "a number or not" into a JSON-safe float (no torch import: the pytest plugin uses it)."""
+"""The edges of the library that touch files and JSON: plain values, atomic writes, schema versions.
+
+No torch import here (the pytest plugin and the report use it): tensors and numpy scalars are
+converted through their ``item()`` / ``tolist()`` methods.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from .errors import TrajectoryFormatError
+
+__all__ = ["atomic_write_text", "check_schema_version", "clean_float", "environment_info", "to_plain", "write_json"]
 
 
 def clean_float(x: Any) -> float | None:
@@ -15,3 +29,94 @@ def clean_float(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def to_plain(obj: Any) -> Any:
+    """A JSON-ready copy: ``to_dict()`` objects converted, NaN/inf → ``None``, tuples → lists, others → str."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_plain(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return to_plain(obj.item())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(obj, "__float__"):
+        try:
+            return clean_float(float(obj))
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed into place.
+
+    A crash never leaves half a file, and the file gets ordinary permissions (``mkstemp`` makes 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``obj`` as indented JSON (through :func:`to_plain`), written atomically."""
+    return atomic_write_text(path, json.dumps(to_plain(obj), indent=1, allow_nan=False) + "\n")
+
+
+def check_schema_version(d: dict[str, Any], supported: int, what: str) -> int:
+    """The integer ``schema_version`` of ``d``; :class:`TrajectoryFormatError` if missing, invalid or too new."""
+    version = d.get("schema_version")
+    if version is None:
+        raise TrajectoryFormatError(f"{what}: no 'schema_version'; not a gsnr-diag file?")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TrajectoryFormatError(f"{what}: schema_version {version!r} is not an integer")
+    if version > supported:
+        raise TrajectoryFormatError(
+            f"{what}: schema_version {version} is newer than this gsnr-diag understands ({supported}); "
+            "upgrade gsnr-diag to read it"
+        )
+    return version
+
+
+def environment_info(extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Platform and versions of python, torch, opacus, gsnr_diag (and ``extra`` modules), for saved results.
+
+    Versions come from already-imported modules or package metadata, so this imports nothing heavy.
+    """
+    from importlib import metadata
+
+    from . import __version__
+
+    versions: dict[str, str | None] = {"python": platform.python_version(), "gsnr_diag": __version__}
+    for mod in ("torch", "opacus", *extra):
+        m = sys.modules.get(mod)
+        version = getattr(m, "__version__", None) if m is not None else None
+        if version is None:
+            try:
+                version = metadata.version(mod)
+            except metadata.PackageNotFoundError:
+                version = None
+        versions[mod] = str(version) if version is not None else None
+    return {"platform": platform.platform(), "machine": platform.machine(), "versions": versions}

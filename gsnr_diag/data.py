@@ -1,6 +1,6 @@
 """Turn any supported data form into chunks of ``(x, y)`` on a device.
 
-Supported forms (issue 2, requirement 3):
+Supported forms:
 
 * a :class:`torch.utils.data.DataLoader`;
 * a map-style :class:`~torch.utils.data.Dataset` of ``(x, y)`` pairs;
@@ -14,8 +14,8 @@ samples per chunk (the last one may be smaller), so memory is bounded by one chu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -67,7 +67,7 @@ def _check_batch(item: Any, index: int) -> Batch:
     if not isinstance(y, torch.Tensor):
         try:
             y = torch.as_tensor(y)
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
+        except Exception as exc:
             raise DataError(f"data: the target y of batch {index} is a {type(y).__name__}, expected a tensor") from exc
     if y.ndim == 0:
         raise DataError(
@@ -114,8 +114,7 @@ def _raw_batches(data: Any, batch_size: int | None) -> Iterator[Batch]:
         return
     if isinstance(data, torch.Tensor):
         raise DataError(
-            "data: got a single tensor; gsnr-diag needs targets too. Pass a tuple (X, Y), "
-            f"or one of: {_FORMS}."
+            f"data: got a single tensor; gsnr-diag needs targets too. Pass a tuple (X, Y), or one of: {_FORMS}."
         )
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise DataError(f"data: got a {type(data).__name__}; expected {_FORMS}.")
@@ -168,9 +167,7 @@ def rechunk(batches: Iterable[Batch], batch_size: int) -> Iterator[Batch]:
         yield _cat(buffer)
 
 
-def iter_batches(
-    data: Any, batch_size: int | None = None, device: torch.device | str | None = None
-) -> Iterator[Batch]:
+def iter_batches(data: Any, batch_size: int | None = None, device: torch.device | str | None = None) -> Iterator[Batch]:
     """Yield ``(x, y)`` chunks of at most ``batch_size`` samples, moved to ``device``."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise DataError(f"batch_size: expected a positive int or None, got {batch_size!r}")

@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .capture import GradientCapture
-from .data import iter_batches
-from .errors import DataError, ModelError
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
+from .data import iter_batches
+from .errors import DataError, ModelError
 
 __all__ = ["gradient_stats", "preserved_state", "model_device"]
 
@@ -127,9 +128,12 @@ def gradient_stats(
         if mode == "train":
             _check_train_mode(work)
         moments = Moments(signs=signs)
-        with torch.enable_grad(), GradientCapture(
-            work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
-        ) as capture:
+        with (
+            torch.enable_grad(),
+            GradientCapture(
+                work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
+            ) as capture,
+        ):
             for x, y in iter_batches(data, batch_size, target):
                 capture.measure_chunk(x, y, moments)
         if distributed:

@@ -138,9 +138,7 @@ def mlp():
 
 
 def cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
 
 
 def conv1d():
@@ -149,8 +147,15 @@ def conv1d():
 
 def batchnorm_cnn():
     m = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(4 * 3 * 3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 3),
     )
     m.train()
     with torch.no_grad():  # give the running statistics non-trivial values
@@ -170,8 +175,8 @@ def frozen_first_layer():
 def cases():
     """name -> (model factory, X, Y) with fixed seeds; X, Y small."""
     g = torch.Generator().manual_seed(0)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    ri = lambda hi, *s: torch.randint(0, hi, s, generator=g)  # noqa: E731
+    rn = lambda *s: torch.randn(*s, generator=g)
+    ri = lambda hi, *s: torch.randint(0, hi, s, generator=g)
     tokens = ri(10, 24, 5)
     tokens[:3, :2] = 0  # padding tokens
     return {

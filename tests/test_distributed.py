@@ -29,7 +29,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         model, X, Y = _problem()
         shard = slice(0, 13) if rank == 0 else slice(13, 31)  # unequal shards
         s = gradient_stats(model, (X[shard], Y[shard]), batch_size=4, distributed=True)
-        torch.save({"n": s.n, "mean": s.mean, "var": s.var, "same_sign": s.same_sign, "agg": s.aggregates()}, f"{out}.{rank}")
+        torch.save(
+            {"n": s.n, "mean": s.mean, "var": s.var, "same_sign": s.same_sign, "agg": s.aggregates()}, f"{out}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
 

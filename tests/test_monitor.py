@@ -19,9 +19,8 @@ from gsnr_diag import gradient_stats
 from gsnr_diag.core.correlation import pearson
 from gsnr_diag.dynamics.monitor import Monitor, MonitorError, delta_g_weight_corr
 from gsnr_diag.dynamics.schedules import linear, logarithmic
-from gsnr_diag.dynamics.trajectory import Trajectory, TruncatedTrajectoryWarning
 from gsnr_diag.dynamics.training import train
-
+from gsnr_diag.dynamics.trajectory import Trajectory, TruncatedTrajectoryWarning
 
 
 def _clf_data(n=64, d=5, c=3, seed=0):
@@ -121,8 +120,9 @@ def _user_loop(with_monitor: bool, tmp_path=None):
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     monitor = None
     if with_monitor:
-        monitor = Monitor(model, loader, test_data=(x[:32], y[:32]), every=linear(2),
-                          path=tmp_path / "m.jsonl" if tmp_path else None)
+        monitor = Monitor(
+            model, loader, test_data=(x[:32], y[:32]), every=linear(2), path=tmp_path / "m.jsonl" if tmp_path else None
+        )
     step = 0
     for _ in range(2):
         for xb, yb in loader:

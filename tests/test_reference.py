@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from models import cases
+from reference import reference_stats
 from torch import nn
 from torch.nn import functional as F
 
 from gsnr_diag import gradient_stats
-from models import cases
-from reference import reference_stats
 
 CASES = cases()
 RTOL = 1e-5

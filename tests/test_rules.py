@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import reference_stats
 from torch import nn
 
 from gsnr_diag import gradient_stats
 from gsnr_diag.capture import blocks as rules
-from reference import reference_stats
 
 RTOL = 1e-5
 N = 20
@@ -115,18 +115,32 @@ def test_linear_sequence_pooled():
 
 # --- convolutions ------------------------------------------------------------------------------
 CONVS = {
-    "conv1d_stride_dilation_groups": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), (N, 4, 11)),
-    "conv1d_same_circular_nobias": (lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="circular", bias=False),
-                                    (N, 4, 9)),
+    "conv1d_stride_dilation_groups": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+        (N, 4, 11),
+    ),
+    "conv1d_same_circular_nobias": (
+        lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="circular", bias=False),
+        (N, 4, 9),
+    ),
     "conv1d_valid": (lambda: nn.Conv1d(3, 2, 5, padding="valid"), (N, 3, 8)),
-    "conv2d_rect_stride_pad_dilation": (lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
-                                        (N, 3, 7, 6)),
-    "conv2d_depthwise_same_reflect": (lambda: nn.Conv2d(4, 4, 3, groups=4, padding="same", padding_mode="reflect"),
-                                      (N, 4, 5, 5)),
+    "conv2d_rect_stride_pad_dilation": (
+        lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        (N, 3, 7, 6),
+    ),
+    "conv2d_depthwise_same_reflect": (
+        lambda: nn.Conv2d(4, 4, 3, groups=4, padding="same", padding_mode="reflect"),
+        (N, 4, 5, 5),
+    ),
     "conv2d_groups_nobias": (lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), (N, 4, 6, 5)),
-    "conv2d_replicate_stride": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="replicate"), (N, 2, 6, 6)),
-    "conv3d": (lambda: nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2),
-               (N, 2, 4, 5, 3)),
+    "conv2d_replicate_stride": (
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="replicate"),
+        (N, 2, 6, 6),
+    ),
+    "conv3d": (
+        lambda: nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, dilation=(2, 1, 1), groups=2),
+        (N, 2, 4, 5, 3),
+    ),
     "conv3d_nobias_same": (lambda: nn.Conv3d(1, 2, 3, padding="same", bias=False), (N, 1, 3, 4, 4)),
 }
 
@@ -143,9 +157,14 @@ def test_conv_relu_maxpool_cnn():
     """The paper's CNN shape in miniature: conv, ReLU, max-pool (exact zeros), conv, max-pool, FC."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * 2 * 2, C),
+        nn.Conv2d(1, 4, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, C),
     ).double()
     x = _randn(N, 1, 8, 8)
     _compare(model, x, _labels(), ["0", "3", "7"])
@@ -197,8 +216,9 @@ def test_sequence_model_all_rules():
 
 
 # --- normalization layers ----------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["layernorm", "layernorm_nobias", "layernorm_2d_shape", "groupnorm", "rmsnorm",
-                                  "batchnorm_eval"])
+@pytest.mark.parametrize(
+    "kind", ["layernorm", "layernorm_nobias", "layernorm_2d_shape", "groupnorm", "rmsnorm", "batchnorm_eval"]
+)
 def test_norms(kind):
     if kind.startswith("layernorm"):
         x = _randn(N, 3, 6)
@@ -229,8 +249,9 @@ def test_norms(kind):
 def test_blocking_by_max_memory_changes_nothing():
     """A budget of a few kilobytes forces blocks of one or two samples in every rule."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 6), nn.LayerNorm(6),
-                          nn.Linear(6, C)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 6), nn.LayerNorm(6), nn.Linear(6, C)
+    ).double()
     x = _randn(N, 2, 6, 6)
     y = _labels()
     tiny = _compare(model, x, y, ["0", "3", "4", "5"], max_memory_mb=0.002)

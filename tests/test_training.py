@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gsnr_diag.errors import DataError, GsnrDiagError, ModelError
 from gsnr_diag.dynamics.monitor import Monitor
 from gsnr_diag.dynamics.training import NonFiniteLossWarning, train
-
+from gsnr_diag.errors import DataError, GsnrDiagError, ModelError
 
 
 def _reg_data(n=200, seed=1):

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from gsnr_diag.errors import GsnrDiagError, TrajectoryFormatError
 from gsnr_diag.dynamics.trajectory import (
     SCHEMA_VERSION,
     Snapshot,
@@ -18,23 +17,47 @@ from gsnr_diag.dynamics.trajectory import (
     metadata_line,
     snapshot_line,
 )
+from gsnr_diag.errors import GsnrDiagError, TrajectoryFormatError
 
 
 def _snap(step, g=0.5, **kw):
     return Snapshot(
-        step=step, epoch=step / 10, mean_gsnr=g, gsnr_median=g / 2, gsnr_p90=2 * g,
-        layer_gsnr={"0.weight": g, "0.bias": None}, layer_same_sign={"0.weight": 0.55, "0.bias": None},
-        osgr=0.9, mean_same_sign=0.52, opposite_sign=0.4, opposite_sign_top10=0.6,
-        delta_g_weight_corr=None if step == 0 else -0.3, train_loss=1.0, test_loss=1.2,
-        generalization_gap=0.2, train_accuracy=0.5, test_accuracy=0.4, elapsed=0.1 * step, undefined=3,
-        extra={"lr": 0.1}, **kw,
+        step=step,
+        epoch=step / 10,
+        mean_gsnr=g,
+        gsnr_median=g / 2,
+        gsnr_p90=2 * g,
+        layer_gsnr={"0.weight": g, "0.bias": None},
+        layer_same_sign={"0.weight": 0.55, "0.bias": None},
+        osgr=0.9,
+        mean_same_sign=0.52,
+        opposite_sign=0.4,
+        opposite_sign_top10=0.6,
+        delta_g_weight_corr=None if step == 0 else -0.3,
+        train_loss=1.0,
+        test_loss=1.2,
+        generalization_gap=0.2,
+        train_accuracy=0.5,
+        test_accuracy=0.4,
+        elapsed=0.1 * step,
+        undefined=3,
+        extra={"lr": 0.1},
+        **kw,
     )
 
 
 def _traj(k=3):
-    return Trajectory([_snap(i * 5, g=0.1 * (i + 1)) for i in range(k)],
-                      {"model": "MLP", "param_counts": {"0.weight": 6}, "n_train": 10, "task": "classification",
-                       "settings": {"epochs": 2, "lr": 0.1}, "seed": 0})
+    return Trajectory(
+        [_snap(i * 5, g=0.1 * (i + 1)) for i in range(k)],
+        {
+            "model": "MLP",
+            "param_counts": {"0.weight": 6},
+            "n_train": 10,
+            "task": "classification",
+            "settings": {"epochs": 2, "lr": 0.1},
+            "seed": 0,
+        },
+    )
 
 
 def test_snapshot_round_trip_and_nan_becomes_none():

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from models import cases
 from torch import nn
 
 from gsnr_diag import gradient_stats
-from models import cases
 
 CASES = cases()
 
@@ -23,7 +23,12 @@ def _state(model):
         "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
         "modes": {k: m.training for k, m in model.named_modules()},
         "hooks": {
-            k: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks), len(getattr(m, "_backward_pre_hooks", {})))
+            k: (
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                len(m._backward_hooks),
+                len(getattr(m, "_backward_pre_hooks", {})),
+            )
             for k, m in model.named_modules()
         },
         "attrs": {k: sorted(vars(m)) for k, m in model.named_modules()},
@@ -63,7 +68,9 @@ def test_model_state_restored(name):
     _assert_same(before, _state(model))
     assert torch.equal(torch_rng, torch.get_rng_state())
     assert py_rng == random.getstate()
-    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np_rng, np.random.get_state()))
+    assert all(
+        np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np_rng, np.random.get_state())
+    )
 
 
 def test_shuffling_dataloader_does_not_consume_global_rng():

@@ -6,6 +6,7 @@ import torch
 
 from ..core.moments import ChunkMoments
 
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the rules compute in: the parameter's own for float32/float64, float32 below that."""
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
@@ -98,5 +99,3 @@ def _buffer(scratch: dict | None, owner: torch.Tensor, name: str, shape, dtype: 
     if t is None or tuple(t.shape) != shape or t.dtype != dtype:
         t = scratch[key] = torch.empty(shape, dtype=dtype, device=owner.device)
     return t
-
-

@@ -28,8 +28,9 @@ worth reusing) behind our own hooks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,8 +73,15 @@ class GradientCapture:
     All hooks are removed on exit; ``.grad`` and the parameters are never written.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, signs: bool = True, skip_nonfinite: bool = False,
-                 max_memory_mb: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        signs: bool = True,
+        skip_nonfinite: bool = False,
+        max_memory_mb: float | None = None,
+    ):
         self.model = model
         # Bound on the bytes of one materialized block (per-sample gradients, unfolded inputs).
         self.budget = float(max_memory_mb if max_memory_mb is not None else DEFAULT_MAX_MEMORY_MB) * 2**20
@@ -119,7 +127,7 @@ class GradientCapture:
         self._scratch: dict = {}  # work buffers the rules keep across chunks (freed on exit)
 
     # --- hooks -------------------------------------------------------------------------
-    def __enter__(self) -> "GradientCapture":
+    def __enter__(self) -> GradientCapture:
         for info in self._modules.values():
             self._handles.append(info.module.register_forward_hook(self._make_hook(info)))
         return self
@@ -197,9 +205,7 @@ class GradientCapture:
             return
         first = tree_map(lambda t: t[:n], x)
         leaves = tensor_leaves(first)
-        other = next(
-            (j for j in range(1, n) if any(not torch.equal(t[j], t[0]) for t in leaves)), None
-        )
+        other = next((j for j in range(1, n) if any(not torch.equal(t[j], t[0]) for t in leaves)), None)
         if other is None:  # all probe samples identical: try again on the next chunk
             return
         self._probed = True
@@ -245,7 +251,7 @@ class GradientCapture:
             with torch.random.fork_rng(devices=devices):  # the same dropout masks in both passes
                 torch.manual_seed(0)
                 call_model(self.model, x)
-        except Exception:  # noqa: BLE001 - the real forward pass raises a clear error
+        except Exception:
             return None
         finally:
             self._probing = False
@@ -271,7 +277,9 @@ class GradientCapture:
                 "per-sample losses, e.g. nn.CrossEntropyLoss() or F.mse_loss"
             ) from exc
         if not isinstance(loss, torch.Tensor):
-            raise LossError(f"loss_fn: returned a {type(loss).__name__}; expected a scalar tensor (the batch mean loss)")
+            raise LossError(
+                f"loss_fn: returned a {type(loss).__name__}; expected a scalar tensor (the batch mean loss)"
+            )
         if loss.numel() != 1:
             raise LossError(
                 f"loss_fn: returned a tensor of shape {tuple(loss.shape)}; expected a scalar, the batch mean "
@@ -333,7 +341,12 @@ class GradientCapture:
             problem = info.problem
             for c in calls:
                 a0 = c.activations[0] if c.activations else None
-                if not isinstance(a0, torch.Tensor) or a0.ndim == 0 or a0.shape[0] != batch or c.backprops.shape[0] != batch:
+                if (
+                    not isinstance(a0, torch.Tensor)
+                    or a0.ndim == 0
+                    or a0.shape[0] != batch
+                    or c.backprops.shape[0] != batch
+                ):
                     problem = "its input or output does not have the samples in dimension 0"
             if problem:
                 moved.update(names)
@@ -345,8 +358,9 @@ class GradientCapture:
             done = False
             if len(calls) == 1 and not shared and rule is not None:
                 grads = _Grads({self.params[k]: batch_grad[k] for k in names if batch_grad.get(k) is not None})
-                ctx = RuleContext(calls[0].activations, calls[0].backprops * batch, self.signs, self.budget,
-                                  grads, self._scratch)
+                ctx = RuleContext(
+                    calls[0].activations, calls[0].backprops * batch, self.signs, self.budget, grads, self._scratch
+                )
                 out = rule(module, ctx)
                 if out is not None:
                     for p, c in out.items():
@@ -376,8 +390,13 @@ class GradientCapture:
         for k in self._hooked_names():
             if k not in result and k not in moved:
                 zeros = torch.zeros(self.params[k].shape, dtype=torch.float64, device=self.params[k].device)
-                result[k] = ChunkMoments(batch, zeros, zeros.clone(), zeros.clone() if self.signs else None,
-                                         zeros.clone() if self.signs else None)
+                result[k] = ChunkMoments(
+                    batch,
+                    zeros,
+                    zeros.clone(),
+                    zeros.clone() if self.signs else None,
+                    zeros.clone() if self.signs else None,
+                )
         # Consistency check: the hook path must add up to the batch gradient.
         for k, c in result.items():
             if k in moved or k in trusted:
@@ -411,10 +430,14 @@ class GradientCapture:
             block: dict[str, torch.Tensor] = {}
             for module, sampler, calls, _names in jobs:
                 for c in calls:
-                    acts = c.activations if whole else [
-                        a[s:e] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == batch else a
-                        for a in c.activations
-                    ]
+                    acts = (
+                        c.activations
+                        if whole
+                        else [
+                            a[s:e] if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == batch else a
+                            for a in c.activations
+                        ]
+                    )
                     bp = c.backprops if whole else c.backprops[s:e]
                     for p, gs in sampler(module, acts, bp * batch).items():
                         k = self._name_of.get(id(p))
@@ -436,7 +459,7 @@ class GradientCapture:
                 return out
             except (LossError, ModelError):
                 raise
-            except Exception:  # noqa: BLE001 - vmap cannot run every model; the loop can
+            except Exception:
                 self._fallback_method = PATH_LOOP
         out = self._per_sample_loop(x, y, names)
         self._record_fallback_paths(names, PATH_LOOP)

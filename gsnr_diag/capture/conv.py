@@ -12,6 +12,7 @@ from ..core.moments import ChunkMoments
 from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
 from .registry import RuleContext, register_moment_rule
 
+
 def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """im2col: [b, C_in, *spatial] → [b, C_in·∏k, L] with the layer's padding, stride and dilation."""
     nd = x.ndim - 2
@@ -21,22 +22,28 @@ def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
         padding = (0,) * nd
     if nd == 1:
-        return F.unfold(x.unsqueeze(2), kernel_size=(1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]),
-                        padding=(0, padding[0]), stride=(1, layer.stride[0]))
+        return F.unfold(
+            x.unsqueeze(2),
+            kernel_size=(1, layer.kernel_size[0]),
+            dilation=(1, layer.dilation[0]),
+            padding=(0, padding[0]),
+            stride=(1, layer.stride[0]),
+        )
     if nd == 2:
-        return F.unfold(x, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding,
-                        stride=layer.stride)
+        return F.unfold(x, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
     from opacus.utils.tensor_utils import unfold3d
 
-    return unfold3d(x, kernel_size=layer.kernel_size, padding=tuple(padding), stride=layer.stride,
-                    dilation=layer.dilation)
+    return unfold3d(
+        x, kernel_size=layer.kernel_size, padding=tuple(padding), stride=layer.stride, dilation=layer.dilation
+    )
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _conv_weight_moments_grouped(layer, x: torch.Tensor, d: torch.Tensor, dt: torch.dtype, signs: bool,
-                                 budget: float) -> ChunkMoments:
+def _conv_weight_moments_grouped(
+    layer, x: torch.Tensor, d: torch.Tensor, dt: torch.dtype, signs: bool, budget: float
+) -> ChunkMoments:
     """Per-sample weight gradients of a groups=1 convolution as one convolution per block of b samples.
 
     g_i[o, c, k] = Σ_p δ_i[o, p] x_i[c, p·stride + k·dilation − pad] is itself a convolution of
@@ -59,8 +66,15 @@ def _conv_weight_moments_grouped(layer, x: torch.Tensor, d: torch.Tensor, dt: to
     for s, e in sample_blocks(B, per_sample, budget):
         n = e - s
         xb, db = x[s:e].to(dt), d[s:e].to(dt)
-        g = _CONV[nd](xb.transpose(0, 1), db.reshape(n * cout, 1, *db.shape[2:]), None, stride=layer.dilation,
-                      padding=padding, dilation=layer.stride, groups=n)
+        g = _CONV[nd](
+            xb.transpose(0, 1),
+            db.reshape(n * cout, 1, *db.shape[2:]),
+            None,
+            stride=layer.dilation,
+            padding=padding,
+            dilation=layer.stride,
+            groups=n,
+        )
         for i in range(nd):
             g = g.narrow(2 + i, 0, layer.kernel_size[i])
         g = g.reshape(cin, n, cout, *layer.kernel_size).movedim(0, 2)
@@ -113,5 +127,3 @@ def conv_moments(layer: nn.modules.conv._ConvNd, ctx: RuleContext) -> dict | Non
     if bias is not None and bias.requires_grad:
         out[bias] = samples_moments(d.to(dt).reshape(B, cout, -1).sum(-1), signs)
     return out
-
-

@@ -9,6 +9,7 @@ from ..core.moments import ChunkMoments
 from .blocks import compute_dtype
 from .registry import RuleContext, register_moment_rule
 
+
 @register_moment_rule(nn.Embedding)
 def embedding_moments(layer: nn.Embedding, ctx: RuleContext) -> dict | None:
     """nn.Embedding: a segment-sum over the rows each sample touches (never a dense B×V×D tensor).
@@ -25,8 +26,13 @@ def embedding_moments(layer: nn.Embedding, ctx: RuleContext) -> dict | None:
     W = layer.weight
     if not W.requires_grad:
         return {}
-    if (not isinstance(idx, torch.Tensor) or idx.ndim < 1 or layer.scale_grad_by_freq or layer.sparse
-            or idx.is_floating_point()):
+    if (
+        not isinstance(idx, torch.Tensor)
+        or idx.ndim < 1
+        or layer.scale_grad_by_freq
+        or layer.sparse
+        or idx.is_floating_point()
+    ):
         return None
     B = int(idx.shape[0])
     V, D = W.shape
@@ -50,5 +56,3 @@ def embedding_moments(layer: nn.Embedding, ctx: RuleContext) -> dict | None:
         pos = torch.zeros(V, D, **f64).index_add_(0, rows, (v > 0).to(torch.float64))
         neg = torch.zeros(V, D, **f64).index_add_(0, rows, (v < 0).to(torch.float64))
     return {W: ChunkMoments.from_sums(B, total, total_sq, pos, neg)}
-
-

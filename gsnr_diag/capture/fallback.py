@@ -6,7 +6,8 @@ Also the graph inspection the hook path relies on (how many autograd edges reach
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -9,8 +9,16 @@ from ..core.moments import ChunkMoments
 from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments
 from .registry import RuleContext, register_moment_rule
 
-def _linear_weight_moments(W: torch.Tensor, a: torch.Tensor, d: torch.Tensor, signs: bool, budget: float,
-                           grad: torch.Tensor | None, scratch: dict | None) -> ChunkMoments:
+
+def _linear_weight_moments(
+    W: torch.Tensor,
+    a: torch.Tensor,
+    d: torch.Tensor,
+    signs: bool,
+    budget: float,
+    grad: torch.Tensor | None,
+    scratch: dict | None,
+) -> ChunkMoments:
     """Σg² = (δ²)ᵀ(a²) and sign counts of g_i = δ_i a_iᵀ over samples; the mean from ``grad`` when given."""
     B = int(a.shape[0])
     shape = (d.shape[1], a.shape[1])
@@ -60,7 +68,7 @@ def _bias_moments(d: torch.Tensor, signs: bool) -> ChunkMoments:
 # --- nn.Linear ------------------------------------------------------------------------------
 @register_moment_rule(nn.Linear)
 def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
-    """nn.Linear (issue 7, req. 1).
+    """nn.Linear: per-sample g_i = δ_i a_iᵀ (eq. 1) without forming it.
 
     2-D input [B, in] (or extra dimensions of size 1): per-sample g_i = δ_i a_iᵀ is rank one,
     so Σg² = (δ²)ᵀ(a²) and the sign counts come from two integer products of sign matrices
@@ -102,5 +110,3 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
     if b is not None and b.requires_grad:
         out[b] = _bias_moments(d.to(dt), signs)
     return out
-
-

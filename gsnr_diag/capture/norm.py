@@ -9,8 +9,10 @@ from torch import nn
 from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
 from .registry import RuleContext, register_grad_sampler, register_moment_rule
 
-def _affine_norm_moments(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, xhat_fn, reduce_dims, signs: bool,
-                         budget: float) -> dict:
+
+def _affine_norm_moments(
+    layer: nn.Module, x: torch.Tensor, d: torch.Tensor, xhat_fn, reduce_dims, signs: bool, budget: float
+) -> dict:
     """γ, β of a normalization layer y = γ·x̂ + β: per-sample ∂/∂γ = Σ δ·x̂, ∂/∂β = Σ δ over ``reduce_dims``.
 
     The per-sample gradients are parameter-sized, so they are formed block by block over
@@ -27,7 +29,7 @@ def _affine_norm_moments(layer: nn.Module, x: torch.Tensor, d: torch.Tensor, xha
         acc = None
         for s, e in sample_blocks(B, per_sample, budget):
             xb = x[s:e].to(dt)
-            g = (d[s:e].to(dt) * xhat_fn(xb))
+            g = d[s:e].to(dt) * xhat_fn(xb)
             g = g.sum(reduce_dims) if reduce_dims else g
             acc = _combine(acc, samples_moments(g.reshape(e - s, *W.shape), signs))
         out[W] = acc
@@ -46,7 +48,7 @@ def layer_norm_moments(layer: nn.LayerNorm, ctx: RuleContext) -> dict | None:
     if not isinstance(x, torch.Tensor) or x.ndim < k + 1 or (layer.weight is None and layer.bias is None):
         return None
     reduce_dims = tuple(range(1, x.ndim - k))
-    fn = lambda xb: F.layer_norm(xb, layer.normalized_shape, eps=layer.eps)  # noqa: E731
+    fn = lambda xb: F.layer_norm(xb, layer.normalized_shape, eps=layer.eps)
     return _affine_norm_moments(layer, x, ctx.backprops, fn, reduce_dims, ctx.signs, ctx.budget)
 
 
@@ -57,7 +59,7 @@ def group_norm_moments(layer: nn.GroupNorm, ctx: RuleContext) -> dict | None:
     if not isinstance(x, torch.Tensor) or x.ndim < 2 or layer.weight is None:
         return None
     reduce_dims = tuple(range(2, x.ndim))
-    fn = lambda xb: F.group_norm(xb, layer.num_groups, eps=layer.eps)  # noqa: E731
+    fn = lambda xb: F.group_norm(xb, layer.num_groups, eps=layer.eps)
     return _affine_norm_moments(layer, x, ctx.backprops, fn, reduce_dims, ctx.signs, ctx.budget)
 
 
@@ -71,7 +73,7 @@ if hasattr(nn, "RMSNorm"):
         if not isinstance(x, torch.Tensor) or x.ndim < k + 1 or layer.weight is None:
             return None
         reduce_dims = tuple(range(1, x.ndim - k))
-        fn = lambda xb: F.rms_norm(xb, layer.normalized_shape, eps=layer.eps)  # noqa: E731
+        fn = lambda xb: F.rms_norm(xb, layer.normalized_shape, eps=layer.eps)
         return _affine_norm_moments(layer, x, ctx.backprops, fn, reduce_dims, ctx.signs, ctx.budget)
 
 

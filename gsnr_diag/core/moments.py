@@ -31,7 +31,7 @@ class ChunkMoments:
     neg: torch.Tensor | None = None
 
     @classmethod
-    def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> "ChunkMoments":
+    def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> ChunkMoments:
         """Two-pass moments of per-sample gradients ``grad_sample`` of shape ``[B, *param.shape]``."""
         g = grad_sample.detach().to(torch.float64)
         mean = g.mean(0)
@@ -50,7 +50,7 @@ class ChunkMoments:
         total_sq: torch.Tensor,
         pos: torch.Tensor | None = None,
         neg: torch.Tensor | None = None,
-    ) -> "ChunkMoments":
+    ) -> ChunkMoments:
         """Moments of one chunk from Σg and Σg² (float64) — used by the moment rules.
 
         Within one chunk M2 = Σg² − (Σg)²/B; the float64 sums keep this exact to far
@@ -61,7 +61,7 @@ class ChunkMoments:
         m2 = total_sq.to(torch.float64, copy=True).addcmul_(mean, mean, value=-float(count)).clamp_(min=0.0)
         return cls(int(count), mean, m2, pos, neg)
 
-    def combine(self, other: "ChunkMoments") -> "ChunkMoments":
+    def combine(self, other: ChunkMoments) -> ChunkMoments:
         """Moments of the union of two chunks of samples of the same parameter (Chan's merge)."""
         n, mean, m2 = _chan(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         pos = neg = None
@@ -104,7 +104,7 @@ class Moments:
         if chunk.count == 0:
             return
         if name not in self.count:
-            own = lambda t: t.to(torch.float64, copy=copy)  # noqa: E731
+            own = lambda t: t.to(torch.float64, copy=copy)
             self.count[name] = chunk.count
             self.mean[name] = own(chunk.mean)
             self.m2[name] = own(chunk.m2)
@@ -124,7 +124,7 @@ class Moments:
             self.pos[name].add_(_present(chunk.pos, name))
             self.neg[name].add_(_present(chunk.neg, name))
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Merge another accumulator into this one (in place) and return self."""
         for name in other.count:
             self.add(
@@ -139,9 +139,9 @@ class Moments:
             )
         return self
 
-    def to(self, device: torch.device | str) -> "Moments":
+    def to(self, device: torch.device | str) -> Moments:
         """A copy with every tensor on ``device``."""
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        move = lambda d: {k: v.to(device) for k, v in d.items()}
         return Moments(self.signs, dict(self.count), move(self.mean), move(self.m2), move(self.pos), move(self.neg))
 
 
@@ -149,7 +149,6 @@ def _present(t: torch.Tensor | None, name: str) -> torch.Tensor:
     if t is None:
         raise ValueError(f"moments of {name!r} carry no sign counts but signs=True")
     return t
-
 
 
 def all_reduce_moments(moments: Moments, group=None) -> Moments:

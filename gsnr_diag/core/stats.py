@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import clean_float
+from .._format import number, text_table
+from .._io import check_schema_version, clean_float
 from .moments import Moments
 
 __all__ = [
@@ -145,18 +146,14 @@ class GradientStats:
                     name,
                     "×".join(str(s) for s in r.shape) or "scalar",
                     str(r.numel()),
-                    _fmt(self.layer_gsnr.get(name)),
-                    _fmt(med),
+                    number(self.layer_gsnr.get(name)),
+                    number(med),
                     "-" if ss is None else f"{ss:.3f}",
                     str(int(torch.isnan(r).sum())),
                     self.capture_paths.get(module, self.capture_paths.get(name, "?")),
                 ]
             )
-        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        line = lambda cells: "  ".join(  # noqa: E731
-            c.ljust(w) if i in (0, 1, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-        out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        out = text_table(head, rows, indent="", left=(0, 1, 7))
         q = self.gsnr_quantiles
         out.append("")
         out.append(
@@ -164,12 +161,12 @@ class GradientStats:
             f"measured in {self.mode} mode"
         )
         out.append(
-            f"mean GSNR {_fmt(self.mean_gsnr)}   median {_fmt(q.get('median'))}   p90 {_fmt(q.get('p90'))}   "
-            f"OSGR (eq. 19) {_fmt(self.osgr)}"
+            f"mean GSNR {number(self.mean_gsnr)}   median {number(q.get('median'))}   p90 {number(q.get('p90'))}   "
+            f"OSGR (eq. 19) {number(self.osgr)}"
         )
         out.append(
-            f"same-sign {_fmt(self.mean_same_sign)}   opposite-sign {_fmt(self.opposite_sign)}   "
-            f"opposite-sign top-10% |W| {_fmt(self.opposite_sign_top10)}"
+            f"same-sign {number(self.mean_same_sign)}   opposite-sign {number(self.opposite_sign)}   "
+            f"opposite-sign top-10% |W| {number(self.opposite_sign_top10)}"
         )
         return "\n".join(out)
 
@@ -200,22 +197,19 @@ class GradientStats:
             d["mean"] = {k: _tensor_to_json(v) for k, v in self.mean.items()}
             d["var"] = {k: _tensor_to_json(v) for k, v in self.var.items()}
             d["gsnr"] = {k: _tensor_to_json(v) for k, v in self.gsnr.items()}
-            d["same_sign"] = None if self.same_sign is None else {k: _tensor_to_json(v) for k, v in self.same_sign.items()}
+            d["same_sign"] = (
+                None if self.same_sign is None else {k: _tensor_to_json(v) for k, v in self.same_sign.items()}
+            )
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GradientStats":
+    def from_dict(cls, d: dict[str, Any]) -> GradientStats:
         """Inverse of :meth:`to_dict` (tensors come back as float64 CPU tensors)."""
         from ..errors import TrajectoryFormatError
 
-        version = d.get("schema_version", SCHEMA_VERSION)
-        if version > SCHEMA_VERSION:
-            raise TrajectoryFormatError(
-                f"GradientStats schema_version {version} is newer than this gsnr-diag understands "
-                f"({SCHEMA_VERSION}); upgrade gsnr-diag"
-            )
+        check_schema_version({"schema_version": SCHEMA_VERSION, **d}, SCHEMA_VERSION, "GradientStats")
         try:
-            tensors = lambda key: {k: _tensor_from_json(v) for k, v in (d.get(key) or {}).items()}  # noqa: E731
+            tensors = lambda key: {k: _tensor_from_json(v) for k, v in (d.get(key) or {}).items()}
             return cls(
                 n=int(d["n"]),
                 mean=tensors("mean"),
@@ -239,14 +233,6 @@ class GradientStats:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
-        return f"{x:.3e}"
-    return f"{x:.4f}"
 
 
 def _tensor_to_json(t: torch.Tensor) -> dict[str, Any]:

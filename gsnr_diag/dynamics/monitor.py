@@ -16,22 +16,22 @@ the same weights as one without.
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import call_model, count_samples, iter_batches
 from ..core.correlation import pearson
-from ..errors import GsnrDiagError, MonitorError
 from ..core.stats import GradientStats
+from ..data import call_model, count_samples, iter_batches
+from ..errors import MonitorError
 from ..measure import gradient_stats, model_device, preserved_state
 from .schedules import Schedule, _as_schedule, linear, logarithmic
 from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
@@ -78,7 +78,7 @@ def library_versions() -> dict[str, str]:
         import opacus
 
         opacus_version = opacus.__version__
-    except Exception:  # noqa: BLE001 - metadata only
+    except Exception:
         opacus_version = "unknown"
     return {
         "python": platform.python_version(),
@@ -194,7 +194,12 @@ class Monitor:
             "n_train": count_samples(self.data),
             "n_test": count_samples(self.test_data) if self.test_data is not None else None,
             "task": self.task,
-            "settings": {"every": repr(self.every), "batch_size": self.batch_size, "signs": self.signs, "mode": self.mode},
+            "settings": {
+                "every": repr(self.every),
+                "batch_size": self.batch_size,
+                "signs": self.signs,
+                "mode": self.mode,
+            },
             "device": str(model_device(self.model)),
             "versions": library_versions(),
             "command": " ".join(sys.argv),
@@ -253,7 +258,12 @@ class Monitor:
             test_loss = test_acc = None
             if self.test_data is not None:
                 test_loss, test_acc = evaluate(
-                    self.model, self.test_data, self.loss_fn, batch_size=self.batch_size, device=device, accuracy=accuracy
+                    self.model,
+                    self.test_data,
+                    self.loss_fn,
+                    batch_size=self.batch_size,
+                    device=device,
+                    accuracy=accuracy,
                 )
         weights = {k: p.detach() for k, p in self.model.named_parameters() if k in stats.mean}
         corr = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import MonitorError
 
@@ -73,8 +73,6 @@ def as_schedule(every: int | Schedule) -> Schedule:
     if callable(every):
         return every
     raise MonitorError(f"every: expected a positive int or a schedule step -> bool, got {every!r}")
-
-
 
 
 _as_schedule = as_schedule

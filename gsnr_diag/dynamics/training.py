@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import click
 import torch
@@ -184,8 +184,8 @@ def train(
                 if not math.isfinite(loss_value):
                     msg = (
                         f"training stopped: the loss is {loss_value} at step {step} (epoch {epoch}); "
-                        f"lr={lr} may be too large. The trajectory recorded so far ({len(monitor.trajectory) if monitor else 0} "
-                        "snapshot(s)) is kept."
+                        f"lr={lr} may be too large. The trajectory recorded so far "
+                        f"({len(monitor.trajectory) if monitor else 0} snapshot(s)) is kept."
                     )
                     warnings.warn(msg, NonFiniteLossWarning, stacklevel=2)
                     if monitor is not None:

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import check_schema_version, clean_float, to_plain, write_json
 from ..errors import GsnrDiagError, TrajectoryFormatError
-from .._io import clean_float
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,7 +41,6 @@ __all__ = [
 SCHEMA_VERSION = 1
 KIND = "gsnr-diag-trajectory"
 HEADER_KIND = "gsnr-diag-trajectory-header"
-RUN_KIND = "gsnr-diag-run"
 
 
 class UnknownSeriesError(GsnrDiagError, KeyError):
@@ -53,8 +52,6 @@ class UnknownSeriesError(GsnrDiagError, KeyError):
 
 class TruncatedTrajectoryWarning(UserWarning):
     """The last line of a JSONL trajectory was cut off (a run killed while writing); it was skipped."""
-
-
 
 
 def _clean_map(d: dict[str, Any] | None) -> dict[str, float | None]:
@@ -107,7 +104,7 @@ class Snapshot:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Snapshot":
+    def from_dict(cls, d: dict[str, Any]) -> Snapshot:
         """Inverse of :meth:`to_dict`; unknown keys are ignored (forward-compatible within a schema version)."""
         if not isinstance(d, dict):
             raise TrajectoryFormatError(f"snapshot: expected an object, got {type(d).__name__}")
@@ -199,7 +196,9 @@ class Trajectory:
             return steps, [s.extra.get(name) for s in self.snapshots]
         known = sorted(_SCALAR_SERIES | {"layer_gsnr", "layer_same_sign"})
         extras = sorted({k for s in self.snapshots for k in s.extra})
-        raise UnknownSeriesError(f"series: unknown quantity {name!r}; known: {known}" + (f", extra: {extras}" if extras else ""))
+        raise UnknownSeriesError(
+            f"series: unknown quantity {name!r}; known: {known}" + (f", extra: {extras}" if extras else "")
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with ``schema_version``."""
@@ -211,14 +210,14 @@ class Trajectory:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
+    def from_dict(cls, d: dict[str, Any]) -> Trajectory:
         """Inverse of :meth:`to_dict`; also accepts a saved run dict (takes its ``"trajectory"``)."""
         if not isinstance(d, dict):
             raise TrajectoryFormatError(f"trajectory: expected a JSON object, got {type(d).__name__}")
         _check_version(d, "trajectory")
-        if d.get("kind") == RUN_KIND:
+        if "snapshots" not in d and "trajectory" in d:  # a container of one (a saved run)
             if not isinstance(d.get("trajectory"), dict):
-                raise TrajectoryFormatError("saved run: it holds no 'trajectory' object")
+                raise TrajectoryFormatError(f"{d.get('kind') or 'file'}: it holds no 'trajectory' object")
             return cls.from_dict(d["trajectory"])
         if "snapshots" not in d or not isinstance(d["snapshots"], list):
             raise TrajectoryFormatError(
@@ -231,14 +230,10 @@ class Trajectory:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the trajectory as one JSON file (atomically: a temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Trajectory":
+    def load(cls, path: str | os.PathLike[str]) -> Trajectory:
         """Read a trajectory saved by :meth:`save` (``.json``), a saved run, or a monitor's JSONL.
 
         A truncated last JSONL line is skipped with a :class:`TruncatedTrajectoryWarning`;
@@ -277,16 +272,7 @@ def _looks_like_jsonl(text: str) -> bool:
 
 
 def _check_version(d: dict[str, Any], what: str) -> None:
-    version = d.get("schema_version")
-    if version is None:
-        raise TrajectoryFormatError(f"{what}: no 'schema_version'; not a gsnr-diag file?")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise TrajectoryFormatError(f"{what}: schema_version {version!r} is not an integer")
-    if version > SCHEMA_VERSION:
-        raise TrajectoryFormatError(
-            f"{what}: schema_version {version} is newer than this gsnr-diag understands ({SCHEMA_VERSION}); "
-            "upgrade gsnr-diag to read it"
-        )
+    check_schema_version(d, SCHEMA_VERSION, what)
 
 
 def _load_jsonl(path: Path, text: str) -> Trajectory:
@@ -335,20 +321,7 @@ def _load_jsonl(path: Path, text: str) -> Trajectory:
     return traj
 
 
-def _jsonable(x: Any) -> Any:
-    """Metadata → plain JSON (non-finite floats → None, tuples → lists, others → str)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
-        return x
-    if isinstance(x, float):
-        return clean_float(x)
-    try:
-        return clean_float(float(x)) if hasattr(x, "__float__") else str(x)
-    except (TypeError, ValueError):
-        return str(x)
+_jsonable = to_plain
 
 
 def header_line(metadata: dict[str, Any]) -> str:
@@ -366,4 +339,3 @@ def snapshot_line(snapshot: Snapshot) -> str:
 def metadata_line(update: dict[str, Any]) -> str:
     """One JSONL line updating the metadata (merged into the header's on load)."""
     return json.dumps({"metadata": _jsonable(update)}, allow_nan=False)
-
