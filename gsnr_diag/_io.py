@@ -107,7 +107,7 @@ def environment_info(extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """
     from importlib import metadata
 
-    from . import __version__
+    from ._version import __version__
 
     versions: dict[str, str | None] = {"python": platform.python_version(), "gsnr_diag": __version__}
     for mod in ("torch", "opacus", *extra):

@@ -72,7 +72,7 @@ def delta_g_weight_corr(
 # ----------------------------------------------------------------------------- helpers
 def library_versions() -> dict[str, str]:
     """Versions of python, torch, opacus and gsnr_diag for trajectory metadata."""
-    from .. import __version__
+    from .._version import __version__
 
     try:
         import opacus
