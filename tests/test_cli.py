@@ -1,4 +1,4 @@
-"""The gsnr-diag CLI with click's CliRunner: each exit code, model-file errors, user exceptions (issue 4)."""
+"""The gsnr-diag CLI with click's CliRunner: each exit code, model-file errors, user exceptions."""
 
 from __future__ import annotations
 
@@ -43,8 +43,19 @@ def tiny_run(tmp_path_factory):
     runner = CliRunner()
     result = runner.invoke(
         main,
-        ["report", str(model), "--out", str(d / "r.html"), "--pdf", str(d / "r.pdf"),
-         "--run-json", str(d / "r.run.json"), "--osgr-sets", "2", "--quiet"],
+        [
+            "report",
+            str(model),
+            "--out",
+            str(d / "r.html"),
+            "--pdf",
+            str(d / "r.pdf"),
+            "--run-json",
+            str(d / "r.run.json"),
+            "--osgr-sets",
+            "2",
+            "--quiet",
+        ],
     )
     return d, result
 
@@ -100,8 +111,19 @@ def test_check_exit_codes(tiny_run, tmp_path):
 
 
 def test_check_fails_on_missing_evidence(tmp_path):
-    run = json.loads(json.dumps({"schema_version": 1, "kind": "gsnr-diag-run", "trajectory": None, "control": None,
-                                 "osgr": None, "final_stats": None, "metadata": {}}))
+    run = json.loads(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "kind": "gsnr-diag-run",
+                "trajectory": None,
+                "control": None,
+                "osgr": None,
+                "final_stats": None,
+                "metadata": {},
+            }
+        )
+    )
     path = tmp_path / "empty.run.json"
     path.write_text(json.dumps(run))
     result = CliRunner().invoke(main, ["check", str(path), "--min-control-ratio", "1.5"])
@@ -127,13 +149,17 @@ def test_missing_names_in_the_model_file(tmp_path):
 
 
 def test_user_exception_shows_the_users_traceback(tmp_path):
-    model = write(tmp_path / "raises.py", TINY + textwrap.dedent("""
+    model = write(
+        tmp_path / "raises.py",
+        TINY
+        + textwrap.dedent("""
         def load_data():
             return make_tensors()
 
         def make_tensors():
             raise RuntimeError("the user's own bug")
-    """))
+    """),
+    )
     result = CliRunner().invoke(main, ["report", str(model), "--out", str(tmp_path / "x.html"), "-q"])
     assert result.exit_code == 2
     out = result.output
@@ -143,7 +169,10 @@ def test_user_exception_shows_the_users_traceback(tmp_path):
 
 
 def test_user_exception_during_training_shows_the_users_frames(tmp_path):
-    model = write(tmp_path / "forward_bug.py", TINY + textwrap.dedent("""
+    model = write(
+        tmp_path / "forward_bug.py",
+        TINY
+        + textwrap.dedent("""
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
@@ -158,9 +187,21 @@ def test_user_exception_during_training_shows_the_users_frames(tmp_path):
 
         def build_model():
             return Net()
-    """))
-    result = CliRunner().invoke(main, ["report", str(model), "--no-control", "--out", str(tmp_path / "x.html"),
-                                       "--run-json", str(tmp_path / "x.run.json"), "-q"])
+    """),
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(model),
+            "--no-control",
+            "--out",
+            str(tmp_path / "x.html"),
+            "--run-json",
+            str(tmp_path / "x.run.json"),
+            "-q",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "ValueError: forward failed" in result.output and "in forward" in result.output
     assert "gsnr_diag/cli.py" not in result.output
@@ -191,3 +232,31 @@ def test_stats_at_init_and_at_saved_weights(tmp_path):
     torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
     result = runner.invoke(main, ["stats", str(model), "--weights", str(wrong)])
     assert result.exit_code == 2 and "does not match" in result.output
+
+
+def test_check_prints_numbers_with_the_one_formatter(tmp_path):
+    snaps = [{"step": 0, "mean_gsnr": 0.5}, {"step": 10, "mean_gsnr": 12345.678}]
+    run = {
+        "schema_version": 1,
+        "kind": "gsnr-diag-run",
+        "trajectory": {"snapshots": snaps, "metadata": {}},
+        "control": None,
+        "osgr": None,
+        "final_stats": None,
+        "metadata": {},
+    }
+    path = tmp_path / "big.run.json"
+    path.write_text(json.dumps(run))
+    result = CliRunner().invoke(main, ["check", str(path), "--min-mean-gsnr", "1"])
+    assert result.exit_code == 0, result.output
+    assert "final mean GSNR: 12,346 (required ≥ 1" in result.output
+
+
+def test_click_progress_bar_restarts_per_run(capsys):
+    from gsnr_diag.cli.common import ClickProgress
+
+    bar = ClickProgress()
+    for done in (0, 1, 2, 0, 1, 2):  # two runs of 2 steps each, as in the control
+        bar(done, 2)
+    bar.close()
+    assert capsys.readouterr().err.count("training") == 2

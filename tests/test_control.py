@@ -9,8 +9,6 @@ from torch import nn
 from gsnr_diag.errors import DataError, TrajectoryFormatError
 from gsnr_diag.experiments.control import ControlResult, control_verdict, corrupt_labels, shuffled_label_control
 
-
-
 D, C = 20, 4
 
 
@@ -75,3 +73,53 @@ def test_verdict_levels():
     assert control_verdict([0, 1], [1.0, 1.05])[2].startswith("no separation")
     assert control_verdict([0, 1], [1.0, 1.5])[2].startswith("weak")
     assert control_verdict([0], [1.0])[2].startswith("undetermined")
+
+
+def test_control_optimizer_factory_snapshot_callback_and_progress():
+    """What the CLI needs: each run's optimizer from a factory, a callback per snapshot, a progress callable."""
+    data = _clusters(64, 3)
+    made, seen, ticks = [], [], []
+
+    def make_optimizer(params):
+        made.append(len(params))
+        return torch.optim.Adam(params, lr=0.01)
+
+    def on_snapshot(label, snapshot, monitor):
+        assert snapshot is monitor.trajectory.snapshots[-1] and monitor.last_stats is not None
+        seen.append((label, snapshot.step))
+
+    r = shuffled_label_control(
+        _build,
+        data,
+        epochs=2,
+        lr=0.1,
+        batch_size=16,
+        every=4,
+        make_optimizer=make_optimizer,
+        on_snapshot=on_snapshot,
+        progress=lambda done, total: ticks.append((done, total)),
+    )
+    assert made == [4, 4]  # one optimizer per run, over its 4 parameter tensors
+    assert r.real.metadata["settings"]["optimizer"] == r.shuffled.metadata["settings"]["optimizer"] == "Adam"
+    assert seen == [("real", 0), ("real", 4), ("real", 8), ("shuffled", 0), ("shuffled", 4), ("shuffled", 8)]
+    assert ticks == [(k, 8) for k in range(9)] * 2
+    # the verdict says whether the real-label GSNR rose early (Fig. 5a), as the CLI's report now does too
+    assert "early rise" in r.verdict or "rises early" in r.verdict
+
+
+def test_model_instance_is_trained_in_place():
+    data = _clusters(64, 3)
+    torch.manual_seed(0)
+    model = _build()
+    start = [p.detach().clone() for p in model.parameters()]
+    r = shuffled_label_control(model, data, epochs=1, lr=0.1, batch_size=32, every=2, signs=False, progress=False)
+    assert r.real.steps == r.shuffled.steps == [0, 2]
+    assert any(not torch.equal(a, p) for a, p in zip(start, model.parameters()))  # the real run trained it
+
+
+def test_verdict_reads_the_one_threshold_table(monkeypatch):
+    from gsnr_diag._thresholds import VERDICT_THRESHOLDS
+
+    assert control_verdict([0, 1], [1.0, 1.5])[2].startswith("weak")
+    monkeypatch.setitem(VERDICT_THRESHOLDS, "control_ratio", (1.4, 1.3))
+    assert control_verdict([0, 1], [1.0, 1.5])[2].startswith("real labels carry a learnable signal")

@@ -1,4 +1,4 @@
-"""Loading a user's model file (issue 4, requirement 1)."""
+"""Loading a user's model file: required and optional names, errors, the user's traceback."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from gsnr_diag.errors import DataError, TrajectoryFormatError
 from gsnr_diag.experiments.osgr import OSGRPool, OSGRResult, osgr_experiment, osgr_lhs, osgr_rhs, pool_osgr
 
 
-
 def _clusters(N=3000, seed=1, d=10, C=3):
     centers = torch.randn(C, d, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(seed)
@@ -66,7 +65,7 @@ def test_lhs_matches_rhs_at_small_lr_and_pooled_correlation():
     assert all(c > 0.9 for c in pool.pearson), pool.pearson
     # more data → larger OSGR; label noise → smaller (the paper's trends), in both LHS and RHS
     for side in ("lhs", "rhs"):
-        get = lambda key: getattr(results[key], side)[0]  # noqa: E731
+        get = lambda key: getattr(results[key], side)[0]
         assert get((100, 0.0)) > get((20, 0.0)) and get((100, 0.0)) > get((100, 0.5))
 
 
@@ -85,8 +84,17 @@ def test_regression_loss_and_round_trip():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(500, 2, generator=g) * 2 - 1
     y = (x[:, :1] * x[:, 1:]) + 0.1 * torch.randn(500, 1, generator=g)
-    r = osgr_experiment(lambda: nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)), (x, y), nn.MSELoss(),
-                        n=40, M=5, test_size=200, lr=0.01, epochs=2, record_at=[1])
+    r = osgr_experiment(
+        lambda: nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)),
+        (x, y),
+        nn.MSELoss(),
+        n=40,
+        M=5,
+        test_size=200,
+        lr=0.01,
+        epochs=2,
+        record_at=[1],
+    )
     assert len(r.lhs) == len(r.rhs) == 1 and math.isfinite(r.rhs[0])
     back = OSGRResult.from_dict(r.to_dict())
     assert back == r
@@ -104,8 +112,17 @@ def test_bad_input():
         osgr_experiment(_build, data, n=10, M=2, test_size=10, epochs=2, record_at=[2])
     x = torch.randn(100, 10)
     with pytest.raises(DataError, match="classification"):
-        osgr_experiment(lambda: nn.Linear(10, 1), (x, x[:, :1]), nn.MSELoss(), n=10, M=2, test_size=10, epochs=1,
-                        record_at=[0], label_noise=0.5)
+        osgr_experiment(
+            lambda: nn.Linear(10, 1),
+            (x, x[:, :1]),
+            nn.MSELoss(),
+            n=10,
+            M=2,
+            test_size=10,
+            epochs=1,
+            record_at=[0],
+            label_noise=0.5,
+        )
 
 
 def test_conv_model_vmap_matches_loop_and_auto_picks_the_loop_on_cpu():

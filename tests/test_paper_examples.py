@@ -1,4 +1,4 @@
-"""The paper-reproduction scripts (examples/paper/, issue 6): each --quick mode runs, writes its
+"""The paper-reproduction scripts (examples/paper/): each --quick mode runs, writes its
 figures, results and a gsnr-diag run JSON, and shows the direction of each finding that the quick
 mode reproduces robustly (docs/REPRODUCTION.md lists what is and is not reproduced; findings that do
 not reproduce are deliberately NOT asserted here).
@@ -28,7 +28,11 @@ def run_quick(name: str, out: Path) -> dict:
     env = dict(os.environ, MPLBACKEND="Agg")
     proc = subprocess.run(
         [sys.executable, str(PAPER / f"{name}.py"), "--quick", "--report", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert proc.returncode == 0, f"{name}.py --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = json.loads((out / "results.json").read_text())

@@ -1,5 +1,5 @@
-"""The pytest plugin (issue 5), tested with pytester: thresholds and their messages, marker and ini
-precedence, the report and JSON files, the terminal summary and the start-up cost."""
+"""The pytest plugin, tested with pytester: thresholds and their messages, marker and ini precedence,
+the report and JSON files, the terminal summary and the start-up cost."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 # pytester's in-process runs remove every module first imported during the inner run from
-# sys.modules afterwards; C extensions (torch, numpy) cannot be imported twice in one process
-# (the second import segfaults), so everything the inner runs use is imported here, up front.
-import numpy  # noqa: F401, E402
-import torch  # noqa: F401, E402
+# sys.modules afterwards; C extensions (torch, numpy, matplotlib's) cannot be imported twice in one
+# process (the second import segfaults), so everything the inner runs use is imported here, up front.
+import jinja2  # noqa: F401
+import numpy  # noqa: F401
+import opacus  # noqa: F401
+import pytest
+import torch
 
-import gsnr_diag.experiments.control  # noqa: F401, E402
-import gsnr_diag.measure  # noqa: F401, E402
-import gsnr_diag.dynamics.monitor  # noqa: F401, E402
-import gsnr_diag.report.run  # noqa: F401, E402
-import gsnr_diag.dynamics.training  # noqa: F401, E402
-import jinja2  # noqa: F401, E402
-import opacus  # noqa: F401, E402
+import gsnr_diag.dynamics.monitor
+import gsnr_diag.dynamics.training
+import gsnr_diag.experiments.control
+import gsnr_diag.measure
+import gsnr_diag.plugin.files
+import gsnr_diag.report.figures
+import gsnr_diag.report.run
 
 pytest_plugins = ["pytester"]
 
@@ -37,6 +38,10 @@ def _warm_lazy_imports():
 
     x, y = torch.randn(8, 3), torch.arange(8) % 2
     shuffled_label_control(lambda: torch.nn.Linear(3, 2), (x, y), epochs=1, lr=0.1, progress=False)
+    # matplotlib imports its backend and font modules on the first figure
+    series = gsnr_diag.report.figures.Series("warm-up", [0, 1], [1.0, 2.0])
+    gsnr_diag.report.figures.line_figure([series], xlabel="step", ylabel="mean GSNR", log=True)
+
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "test_example_gsnr.py"
 
@@ -125,8 +130,19 @@ def test_passing_thresholds_and_summary(pt):
     result.assert_outcomes(passed=3)
     block = summary_block(result)
     lines = [ln for ln in block.splitlines() if ln.strip()]
-    assert lines[1].split() == ["test", "(in", "test_ok.py)", "mean", "GSNR", "OSGR", "same-sign", "control", "ratio",
-                                "checks", "result"]
+    assert lines[1].split() == [
+        "test",
+        "(in",
+        "test_ok.py)",
+        "mean",
+        "GSNR",
+        "OSGR",
+        "same-sign",
+        "control",
+        "ratio",
+        "checks",
+        "result",
+    ]
     rows = summary_rows(result)
     assert len(rows) == 1, block  # only the test that measured something
     assert rows[0][0] == "test_stats"
@@ -164,14 +180,18 @@ def test_failing_threshold_explains_itself(pt):
     )
     # the layer table: failing first-layer tensors on top, the second layer unchecked
     table = out.split("worst layers", 1)[1].split("test_bad.py:", 1)[0]
-    names = [ln.split()[1] for ln in table.splitlines() if ln.startswith("E ") and ln.split()[1:2] and ln.split()[1][0].isdigit()]
+    names = [
+        ln.split()[1]
+        for ln in table.splitlines()
+        if ln.startswith("E ") and ln.split()[1:2] and ln.split()[1][0].isdigit()
+    ]
     assert names[:2] and set(names[:2]) == {"0.weight", "0.bias"}, table
     assert set(names) == {"0.weight", "0.bias", "2.weight", "2.bias"}, table
     (row,) = summary_rows(result)
     assert row[0] == "test_too_strict" and row[4] == "-" and row[-2:] == ["1/3", "FAIL"]
     assert 0 < float(row[1]) < 1e9 and 0.5 <= float(row[3]) <= 1  # mean GSNR, same-sign
     # the traceback points at the user's line, not into gsnr-diag
-    assert "pytest_support.py" not in out
+    assert "gsnr_diag/plugin/" not in out
 
 
 def test_expect_needs_a_threshold_and_validates(pt):
@@ -310,8 +330,14 @@ def test_options_in_one_group(pt):
     section = out.split("gsnr-diag: gradient signal-to-noise ratio (GSNR) checks:", 1)[1].split("\n\n", 1)[0]
     for opt in ("--gsnr-device=DEVICE", "--gsnr-report=PATH", "--gsnr-save=DIR"):
         assert opt in section
-    for ini in ("gsnr_min_mean_gsnr", "gsnr_min_layer_gsnr", "gsnr_min_same_sign", "gsnr_min_osgr",
-                "gsnr_rising_factor", "gsnr_min_control_ratio"):
+    for ini in (
+        "gsnr_min_mean_gsnr",
+        "gsnr_min_layer_gsnr",
+        "gsnr_min_same_sign",
+        "gsnr_min_osgr",
+        "gsnr_rising_factor",
+        "gsnr_min_control_ratio",
+    ):
         assert ini in out
     markers = run(pt, "--markers").stdout.str()
     assert "@pytest.mark.gsnr(min_mean_gsnr=..." in markers
@@ -362,8 +388,12 @@ def test_track_control_report_and_json(pt, tmp_path):
     block = summary_block(result)
     row = next(ln for ln in block.splitlines() if ln.startswith("test_control_passes"))
     assert row.split()[-2:] == ["1/1", "PASS"] and row.split()[4] != "-"  # the control ratio column
-    result.stdout.fnmatch_lines([f"gsnr-diag: wrote 5 measurement JSON file(s) + index.json: {save}",
-                                 f"gsnr-diag: wrote report (4 test section(s)): {report}"])
+    result.stdout.fnmatch_lines(
+        [
+            f"gsnr-diag: wrote 5 measurement JSON file(s) + index.json: {save}",
+            f"gsnr-diag: wrote report (4 test section(s)): {report}",
+        ]
+    )
 
     # JSON: one run file per measurement, loadable by the library; an index with outcomes and checks
     index = json.loads((save / "index.json").read_text())
@@ -375,8 +405,8 @@ def test_track_control_report_and_json(pt, tmp_path):
         "test_dyn.py_test_control_passes--1-control.json",
         "test_dyn.py_test_control_passes--2-stats.json",
     ]
-    from gsnr_diag.experiments.control import ControlResult
     from gsnr_diag.dynamics.trajectory import Trajectory
+    from gsnr_diag.experiments.control import ControlResult
 
     run_json = json.loads((save / "test_dyn.py_test_control_passes--1-control.json").read_text())
     assert run_json["kind"] == "gsnr-diag-run" and run_json["metadata"]["test"] == "test_dyn.py::test_control_passes"
@@ -391,13 +421,20 @@ def test_track_control_report_and_json(pt, tmp_path):
     for name in ("test_rising", "test_rising_fails", "test_control_fails", "test_control_passes"):
         assert f'id="test_dyn.py_{name}"' in html
     assert html.count("<svg") == 4 and "shuffled labels" in html
-    assert "<link" not in html and "src=\"http" not in html
+    # the report's render path: its matplotlib figures, its verdict panel graded by the one threshold table
+    assert html.count('class="figure-svg"') == 4
+    from gsnr_diag._thresholds import VERDICT_THRESHOLDS
+
+    good, watch = VERDICT_THRESHOLDS["control_ratio"]
+    assert "Control ratio real ÷ shuffled" in html and f"good ≥ {good:g}, watch ≥ {watch:g}" in html
+    assert "<link" not in html and 'src="http' not in html
 
 
 def test_pdf_report(pt, tmp_path):
     pypdf = pytest.importorskip("pypdf")
     pytest.importorskip("weasyprint")  # imported out here, for the same reason as _warm_lazy_imports
     import gsnr_diag.report.render  # noqa: F401
+
     pt.makepyfile(
         test_p="""
         def test_a(gsnr, model, data):
@@ -444,6 +481,7 @@ def test_package_exports_resolve_lazily():
         assert getattr(gsnr_diag, name) is not None, name
     from gsnr_diag import GradientStats, gradient_stats  # noqa: F401
 
+
 HEAVY = ("torch", "weasyprint", "matplotlib", "jinja2", "numpy", "opacus")
 
 
@@ -469,8 +507,11 @@ def test_importing_the_plugin_is_light():
     for _ in range(3):  # wall-clock import time: the least disturbed of three runs
         proc = _python("-X", "importtime", "-c", "import pytest; import gsnr_diag.plugin")
         assert proc.returncode == 0, proc.stderr
-        cumulative = {ln.split("|")[2].strip(): int(ln.split("|")[1]) for ln in proc.stderr.splitlines()
-                      if ln.startswith("import time:") and ln.count("|") == 2 and "cumulative" not in ln}
+        cumulative = {
+            ln.split("|")[2].strip(): int(ln.split("|")[1])
+            for ln in proc.stderr.splitlines()
+            if ln.startswith("import time:") and ln.count("|") == 2 and "cumulative" not in ln
+        }
         times.append(cumulative["gsnr_diag.plugin"])
     assert min(times) < 50_000, (times, proc.stderr[-2000:])
 

@@ -1,4 +1,4 @@
-"""The report: view-model, escaping, determinism, absent sections, PDF (issue 4)."""
+"""The report: verdicts, view-model, escaping, determinism, absent sections, PDF."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from gsnr_diag.core.correlation import pearson
 from gsnr_diag.errors import TrajectoryFormatError
 from gsnr_diag.report import build_view, load_run, new_run, render_html, render_pdf, save_run, validate_run
-from gsnr_diag.report.viewmodel import fmt, pearson, verdict_values
+from gsnr_diag.report.verdicts import metrics, verdict_values
+from gsnr_diag.report.viewmodel import fmt
 
 
 def fake_trajectory(label: str = "real", n_snapshots: int = 12, n_layers: int = 4, layer_prefix: str = "net") -> dict:
@@ -84,10 +86,18 @@ def fake_run(control: bool = True, osgr: bool = True, **kw) -> dict:
     results = None
     if osgr:
         results = [
-            {"epochs": [0, 1, 2, 5], "lhs": [0.9, 0.8, 0.72, 0.5], "rhs": [0.88, 0.81, 0.7, 0.55],
-             "settings": {"n": 100, "M": 4, "lr": 0.001}},
-            {"epochs": [0, 1, 2, 5], "lhs": [0.6, 0.55, 0.5, 0.3], "rhs": [0.62, 0.5, 0.52, 0.33],
-             "settings": {"n": 50, "M": 4, "lr": 0.001}},
+            {
+                "epochs": [0, 1, 2, 5],
+                "lhs": [0.9, 0.8, 0.72, 0.5],
+                "rhs": [0.88, 0.81, 0.7, 0.55],
+                "settings": {"n": 100, "M": 4, "lr": 0.001},
+            },
+            {
+                "epochs": [0, 1, 2, 5],
+                "lhs": [0.6, 0.55, 0.5, 0.3],
+                "rhs": [0.62, 0.5, 0.52, 0.33],
+                "settings": {"n": 50, "M": 4, "lr": 0.001},
+            },
         ]
     return new_run(real, control=ctrl, osgr=results, metadata={"date": "2026-01-01 00:00 UTC"})
 
@@ -121,9 +131,7 @@ def test_verdict_values_from_run():
     )
     assert v["final_gsnr_n"] == pytest.approx(last["mean_gsnr"] * 400)
     assert v["same_sign"] == snaps[-1]["mean_same_sign"]
-    from gsnr_diag.report.viewmodel import _metrics
-
-    statuses = {m.key: m.status for m in _metrics(run, v)}
+    statuses = {m.key: m.status for m in metrics(run, v)}
     assert set(statuses.values()) <= {"good", "watch", "bad", "n/a"}
     assert statuses["peak_mean_gsnr"] == "good"  # peak ≈ 7× the start in the fake run
 
@@ -182,8 +190,11 @@ def test_user_strings_are_escaped():
     monitor = Monitor(model, (X, Y), every=2, metadata={"model": f"{evil} model"})
     traj = train(model, (X, Y), epochs=2, lr=0.1, batch_size=8, monitor=monitor, progress=False)
     assert any(evil in name for name in traj.snapshots[0].layer_gsnr)
-    run = new_run(traj, final_stats=monitor.last_stats,
-                  metadata={"command": f"gsnr-diag report '{evil}.py'", "settings": {evil: evil}})
+    run = new_run(
+        traj,
+        final_stats=monitor.last_stats,
+        metadata={"command": f"gsnr-diag report '{evil}.py'", "settings": {evil: evil}},
+    )
     html = render_html(run)
     assert "<script" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html

@@ -23,17 +23,33 @@ import copy
 import time
 import warnings
 
+import common
 import numpy as np
 import torch
 from torch import nn
 
-import common
 from gsnr_diag import GsnrDiagError, Monitor, gradient_stats, train
 
-OSGR_QUICK = {"n": (100, 300), "p_random": (0.0,), "channels": (4,), "M": 4, "test_size": 1000,
-              "lr": 0.02, "epochs": 20, "record_at": (0, 19)}
-OSGR_FULL = {"n": (100, 200, 400), "p_random": (0.0, 0.5), "channels": (4,), "M": 8, "test_size": 1500,
-             "lr": 0.02, "epochs": 100, "record_at": (0, 10, 99)}
+OSGR_QUICK = {
+    "n": (100, 300),
+    "p_random": (0.0,),
+    "channels": (4,),
+    "M": 4,
+    "test_size": 1000,
+    "lr": 0.02,
+    "epochs": 20,
+    "record_at": (0, 19),
+}
+OSGR_FULL = {
+    "n": (100, 200, 400),
+    "p_random": (0.0, 0.5),
+    "channels": (4,),
+    "M": 8,
+    "test_size": 1500,
+    "lr": 0.02,
+    "epochs": 100,
+    "record_at": (0, 10, 99),
+}
 
 
 def batch_mixing(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict:
@@ -84,8 +100,10 @@ def compare(stats, ref: dict, what: str) -> dict:
             if not torch.equal(torch.isnan(r), torch.isnan(a)):
                 worst = float("inf")
         errs[q] = worst
-    common.log(f"{what}: max relative error vs batch-of-one float64 loop: "
-               + ", ".join(f"{q} {e:.2e}" for q, e in errs.items()))
+    common.log(
+        f"{what}: max relative error vs batch-of-one float64 loop: "
+        + ", ".join(f"{q} {e:.2e}" for q, e in errs.items())
+    )
     return errs
 
 
@@ -125,10 +143,26 @@ def main() -> None:
     # 3. training with a monitor (BatchNorm in train mode while training, measured in eval mode)
     t = time.perf_counter()
     spe = -(-n_train // batch_size)
-    monitor = Monitor(model, (Xtr, ytr), nn.CrossEntropyLoss(), test_data=(Xte, yte), every=max(1, spe // 2),
-                      batch_size=500, metadata={"label": "Table 3 BatchNorm CNN, real labels"})
-    traj = train(model, (Xtr, ytr), nn.CrossEntropyLoss(), epochs=epochs, lr=lr, batch_size=batch_size,
-                 monitor=monitor, seed=args.seed, progress=False)
+    monitor = Monitor(
+        model,
+        (Xtr, ytr),
+        nn.CrossEntropyLoss(),
+        test_data=(Xte, yte),
+        every=max(1, spe // 2),
+        batch_size=500,
+        metadata={"label": "Table 3 BatchNorm CNN, real labels"},
+    )
+    traj = train(
+        model,
+        (Xtr, ytr),
+        nn.CrossEntropyLoss(),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        monitor=monitor,
+        seed=args.seed,
+        progress=False,
+    )
     run.lap("train", t)
     st1 = gradient_stats(model, (Xtr[:n_check], ytr[:n_check]), nn.CrossEntropyLoss(), mode="eval")
     check["trained"] = compare(st1, naive_reference(model, Xtr[:n_check], ytr[:n_check]), "after training")
@@ -149,36 +183,52 @@ def main() -> None:
     run.lap("osgr", t)
     bn_sum, plain_sum = summarize(bn_results, labels), summarize(plain_results, labels)
     figs = {
-        "osgr_bn": common.osgr_scatter(run, bn_results, labels, "bn_osgr_lhs_vs_rhs",
-                                       "BatchNorm network (Table 3): LHS (eq. 23) vs RHS (eq. 19)"),
-        "osgr_plain": common.osgr_scatter(run, plain_results, labels, "bn_osgr_plain_lhs_vs_rhs",
-                                          "Same network without BatchNorm (Table 2): LHS vs RHS"),
+        "osgr_bn": common.osgr_scatter(
+            run, bn_results, labels, "bn_osgr_lhs_vs_rhs", "BatchNorm network (Table 3): LHS (eq. 23) vs RHS (eq. 19)"
+        ),
+        "osgr_plain": common.osgr_scatter(
+            run,
+            plain_results,
+            labels,
+            "bn_osgr_plain_lhs_vs_rhs",
+            "Same network without BatchNorm (Table 2): LHS vs RHS",
+        ),
     }
 
     def diffs(results):
         out = []
         for r in results:
-            for e, l, rr in zip(*common.osgr_pairs(r)):
-                if l is not None and rr is not None:
-                    out.append({"epoch": e, "lhs": l, "rhs": rr, "diff": l - rr})
+            for e, lhs, rhs in zip(*common.osgr_pairs(r)):
+                if lhs is not None and rhs is not None:
+                    out.append({"epoch": e, "lhs": lhs, "rhs": rhs, "diff": lhs - rhs})
         return out
 
     bn_d, plain_d = diffs(bn_results), diffs(plain_results)
     e0 = min(ocfg["record_at"])
     findings = {
-        "batch_mixing_train_mode": mixing["train"], "batch_mixing_eval_mode": mixing["eval"],
-        "max_rel_err_init": check["init"], "max_rel_err_trained": check["trained"],
+        "batch_mixing_train_mode": mixing["train"],
+        "batch_mixing_eval_mode": mixing["eval"],
+        "max_rel_err_init": check["init"],
+        "max_rel_err_trained": check["trained"],
         "train_mode_refused": check["train_mode_refused"],
-        "osgr_step0_mean_abs_diff_bn": float(np.mean([abs(d["diff"]) for d in bn_d if d["epoch"] == e0])) if bn_d else None,
-        "osgr_step0_mean_abs_diff_plain": float(np.mean([abs(d["diff"]) for d in plain_d if d["epoch"] == e0])) if plain_d else None,
+        "osgr_step0_mean_abs_diff_bn": float(np.mean([abs(d["diff"]) for d in bn_d if d["epoch"] == e0]))
+        if bn_d
+        else None,
+        "osgr_step0_mean_abs_diff_plain": float(np.mean([abs(d["diff"]) for d in plain_d if d["epoch"] == e0]))
+        if plain_d
+        else None,
         "osgr_mean_abs_diff_bn": float(np.mean([abs(d["diff"]) for d in bn_d])) if bn_d else None,
         "osgr_mean_abs_diff_plain": float(np.mean([abs(d["diff"]) for d in plain_d])) if plain_d else None,
-        "final_train_acc": traj.snapshots[-1].train_accuracy, "final_test_acc": traj.snapshots[-1].test_accuracy,
-        "mean_gsnr_start": traj.snapshots[0].mean_gsnr, "mean_gsnr_peak": max(s.mean_gsnr for s in traj.snapshots),
+        "final_train_acc": traj.snapshots[-1].train_accuracy,
+        "final_test_acc": traj.snapshots[-1].test_accuracy,
+        "mean_gsnr_start": traj.snapshots[0].mean_gsnr,
+        "mean_gsnr_peak": max(s.mean_gsnr for s in traj.snapshots),
         "mean_gsnr_end": traj.snapshots[-1].mean_gsnr,
     }
-    common.log(f"OSGR mean |LHS - RHS| at step {e0}: BN {findings['osgr_step0_mean_abs_diff_bn']}, "
-               f"no BN {findings['osgr_step0_mean_abs_diff_plain']}")
+    common.log(
+        f"OSGR mean |LHS - RHS| at step {e0}: BN {findings['osgr_step0_mean_abs_diff_bn']}, "
+        f"no BN {findings['osgr_step0_mean_abs_diff_plain']}"
+    )
 
     # the trajectory figure
     import matplotlib
@@ -201,16 +251,38 @@ def main() -> None:
     fig.tight_layout()
     figs["trajectory"] = run.save_fig(fig, "bn_trajectory")
 
-    settings = {"model": "Table 3 BatchNorm CNN (common.table3_bn_cnn)", "channels": channels, "n_train": n_train,
-                "n_test": n_test, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                "algorithm": "mini-batch SGD (no momentum); BatchNorm in train mode while training",
-                "measurement": "eval mode (running statistics)", "reference_check_samples": n_check,
-                "osgr": {k: list(v) if isinstance(v, tuple) else v for k, v in ocfg.items()}, "seed": args.seed}
-    run.write_results({"experiment": "BatchNorm network (Appendix A.2, Table 3)", "settings": settings,
-                       "check": check, "findings": findings, "osgr_bn": bn_sum, "osgr_plain": plain_sum,
-                       "osgr_vmap_warnings": vmap_warnings, "figures": figs})
-    run.write_run(traj, osgr=bn_results, final_stats=final_stats,
-                  metadata={"experiment": "Table 3 BatchNorm CNN on MNIST, measured in eval mode", "findings": findings})
+    settings = {
+        "model": "Table 3 BatchNorm CNN (common.table3_bn_cnn)",
+        "channels": channels,
+        "n_train": n_train,
+        "n_test": n_test,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "algorithm": "mini-batch SGD (no momentum); BatchNorm in train mode while training",
+        "measurement": "eval mode (running statistics)",
+        "reference_check_samples": n_check,
+        "osgr": {k: list(v) if isinstance(v, tuple) else v for k, v in ocfg.items()},
+        "seed": args.seed,
+    }
+    run.write_results(
+        {
+            "experiment": "BatchNorm network (Appendix A.2, Table 3)",
+            "settings": settings,
+            "check": check,
+            "findings": findings,
+            "osgr_bn": bn_sum,
+            "osgr_plain": plain_sum,
+            "osgr_vmap_warnings": vmap_warnings,
+            "figures": figs,
+        }
+    )
+    run.write_run(
+        traj,
+        osgr=bn_results,
+        final_stats=final_stats,
+        metadata={"experiment": "Table 3 BatchNorm CNN on MNIST, measured in eval mode", "findings": findings},
+    )
     print(f"findings: {common.plain(findings)}")
 
 

@@ -25,8 +25,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,13 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small settings that finish in under 2 minutes on a 2-core CPU")
     p.add_argument("--out", default=default_out, help=f"output directory (default: {default_out})")
     p.add_argument("--seed", type=int, default=0, help="base seed of the initializations (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: these small models do not gain from more, and a busy CPU makes extra threads slower)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these small models do not gain from more, "
+        "and a busy CPU makes extra threads slower)",
+    )
     p.add_argument("--format", default="svg", help="figure format(s), comma separated: svg, png (default svg)")
     p.add_argument("--report", action="store_true", help="also render the gsnr-diag HTML report (report.html)")
     p.add_argument("--pdf", action="store_true", help="also render the report as PDF (report.pdf; implies --report)")
@@ -105,8 +112,15 @@ class Run:
         log(f"wrote {path}")
         return path
 
-    def write_run(self, trajectory: Any = None, *, control: Any = None, osgr: Any = None, final_stats: Any = None,
-                  metadata: dict[str, Any] | None = None) -> Path:
+    def write_run(
+        self,
+        trajectory: Any = None,
+        *,
+        control: Any = None,
+        osgr: Any = None,
+        final_stats: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
         """Save a gsnr-diag run JSON (the report's input) and render the report when asked."""
         from gsnr_diag import new_run, save_run
 
@@ -210,9 +224,16 @@ def table2_cnn(channels: int = 8, hidden: int = 64) -> nn.Sequential:
     """
     c = int(channels)
     return nn.Sequential(
-        nn.Conv2d(1, c, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * c * 16, hidden), nn.ReLU(), nn.Linear(hidden, 10),
+        nn.Conv2d(1, c, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * c * 16, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
     )
 
 
@@ -221,9 +242,19 @@ def table3_bn_cnn(channels: int = 8, hidden: int = 64) -> nn.Sequential:
     BatchNorm after every convolution and after the hidden dense layer (before the ReLU)."""
     c = int(channels)
     return nn.Sequential(
-        nn.Conv2d(1, c, 5), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 5), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * c * 16, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10),
+        nn.Conv2d(1, c, 5),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 5),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * c * 16, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
     )
 
 
@@ -260,8 +291,14 @@ def per_epoch_pearson(results: Sequence[Any]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def osgr_scatter(run: Run, results: Sequence[Any], labels: Sequence[str], name: str, title: str,
-                 epochs_to_plot: Sequence[int] | None = None) -> list[str]:
+def osgr_scatter(
+    run: Run,
+    results: Sequence[Any],
+    labels: Sequence[str],
+    name: str,
+    title: str,
+    epochs_to_plot: Sequence[int] | None = None,
+) -> list[str]:
     """Fig. 4: LHS (eq. 23) against RHS (eq. 19/24), one panel per recorded epoch, with y = x,
     the least-squares line and Pearson c."""
     import matplotlib
@@ -282,8 +319,14 @@ def osgr_scatter(run: Run, results: Sequence[Any], labels: Sequence[str], name: 
         for i, (r, lab) in enumerate(zip(results, labels)):
             for ee, lhs, rhs in zip(*osgr_pairs(r)):
                 if ee == e and lhs is not None and rhs is not None:
-                    ax.scatter([rhs], [lhs], s=22, marker=markers[i % len(markers)], alpha=0.8,
-                               label=lab if e == epochs[0] else None)
+                    ax.scatter(
+                        [rhs],
+                        [lhs],
+                        s=22,
+                        marker=markers[i % len(markers)],
+                        alpha=0.8,
+                        label=lab if e == epochs[0] else None,
+                    )
                     xs_all.append(rhs)
                     ys_all.append(lhs)
         lo = min(xs_all + ys_all + [0.0])
@@ -298,7 +341,7 @@ def osgr_scatter(run: Run, results: Sequence[Any], labels: Sequence[str], name: 
         ax.set_xlabel("RHS (eq. 19, from GSNR)", fontsize=8)
         ax.set_ylabel("LHS (eq. 23, measured)", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(epochs):]:
+    for ax in list(axes.flat)[len(epochs) :]:
         ax.axis("off")
     handles, labs = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=10)

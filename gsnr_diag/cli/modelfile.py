@@ -35,10 +35,11 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import GsnrDiagError
 
@@ -78,7 +79,9 @@ class ModelFileError(GsnrDiagError, ValueError):
     """The model file is missing, unreadable, or lacks a required name / has one of the wrong kind."""
 
     def __init__(self, message: str, *, example: bool = True):
-        super().__init__(message + ("\n\nA minimal model file looks like this:\n\n" + MINIMAL_EXAMPLE if example else ""))
+        super().__init__(
+            message + ("\n\nA minimal model file looks like this:\n\n" + MINIMAL_EXAMPLE if example else "")
+        )
 
 
 class UserCodeError(GsnrDiagError):
@@ -141,7 +144,7 @@ def call_user(fn: Callable[..., Any], where: str, *args: Any, user_files: tuple[
         return fn(*args, **kwargs)
     except GsnrDiagError:
         raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with the user's traceback
+    except Exception as exc:  # re-raised with the user's traceback
         raise UserCodeError(where, exc, user_traceback(exc, user_files)) from exc
 
 
@@ -206,7 +209,8 @@ def split_data(value: Any, path: Path | str = "model file") -> tuple[Any, Any]:
         if "train" in value:
             return value["train"], value.get("test")
         raise ModelFileError(
-            f"{path}: load_data() returned a dict without a 'train' key; return the training data or a pair (train, test)"
+            f"{path}: load_data() returned a dict without a 'train' key; "
+            "return the training data or a pair (train, test)"
         )
     if isinstance(value, (tuple, list)) and len(value) == 2:
         a, b = value

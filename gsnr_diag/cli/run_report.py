@@ -1,6 +1,9 @@
 """The work behind ``gsnr-diag report``: model file → training with a monitor → control → OSGR → run dict.
 
-The run JSON is saved after every snapshot (atomically), so a crash or Ctrl-C keeps
+It orchestrates the library and copies none of it: the monitored training run comes from
+:mod:`gsnr_diag.experiments.monitored`, the shuffled-label control from
+:mod:`gsnr_diag.experiments.control`, the OSGR experiment from :mod:`gsnr_diag.experiments.osgr`.
+The run JSON is saved (atomically) after every real-label snapshot, so a crash or Ctrl-C keeps
 everything measured so far; the CLI then renders whatever the run holds.
 """
 
@@ -8,17 +11,22 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .modelfile import ModelFile, call_user, traceback_enters, user_traceback, UserCodeError
+from .._io import environment_info
 from ..report.run import new_run, save_run
+from .modelfile import ModelFile, UserCodeError, call_user, traceback_enters, user_traceback
 
 __all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "DEFAULTS"]
 
 DEFAULTS = {"epochs": 10, "lr": 0.01, "batch_size": 64, "seed": 0, "device": "cpu"}
 TARGET_SNAPSHOTS = 30
+#: The OSGR experiment's schedule in the CLI: full-batch GD steps and the steps measured (Sec. 2.4).
+OSGR_EPOCHS = 21
+OSGR_RECORD_AT = (0, 1, 2, 5, 10, 20)
 
 
 @dataclass
@@ -35,8 +43,19 @@ class ReportSettings:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_settings(mf: ModelFile, *, epochs=None, lr=None, batch_size=None, full_batch=False, seed=None,
-                     device=None, every=None, control=None, osgr_sets=None) -> ReportSettings:
+def resolve_settings(
+    mf: ModelFile,
+    *,
+    epochs=None,
+    lr=None,
+    batch_size=None,
+    full_batch=False,
+    seed=None,
+    device=None,
+    every=None,
+    control=None,
+    osgr_sets=None,
+) -> ReportSettings:
     """CLI options override the file's constants, which override the defaults; record where each came from."""
     sources: dict[str, str] = {}
 
@@ -51,7 +70,7 @@ def resolve_settings(mf: ModelFile, *, epochs=None, lr=None, batch_size=None, fu
         return DEFAULTS[name]
 
     e = pick("epochs", epochs, mf.epochs, mf.epochs is not None)
-    l = pick("lr", lr, mf.lr, mf.lr is not None)  # noqa: E741
+    learning_rate = pick("lr", lr, mf.lr, mf.lr is not None)
     if full_batch:
         sources["batch_size"] = "command line"
         b = None
@@ -59,12 +78,25 @@ def resolve_settings(mf: ModelFile, *, epochs=None, lr=None, batch_size=None, fu
         b = pick("batch_size", batch_size, mf.batch_size, mf.batch_size_given)
     s = pick("seed", seed, None, False)
     d = pick("device", device, None, False)
-    return ReportSettings(epochs=e, lr=l, batch_size=b, seed=s, device=d, every=every, control=control,
-                          osgr_sets=osgr_sets, sources=sources)
+    return ReportSettings(
+        epochs=e,
+        lr=learning_rate,
+        batch_size=b,
+        seed=s,
+        device=d,
+        every=every,
+        control=control,
+        osgr_sets=osgr_sets,
+        sources=sources,
+    )
 
 
-def layer_extras(stats: Any) -> dict[str, Any]:
-    """Per-layer median GSNR and opposite-sign fraction from a final GradientStats (for the layer table)."""
+def layer_extras(stats: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """Per-layer median GSNR and opposite-sign fraction (W_j·ḡ_j < 0, Sec. 3.3) for the layer table.
+
+    ``stats`` is the final GradientStats, ``weights`` the model's parameters at that measurement
+    (``name -> tensor``); the opposite-sign fraction is given for weight tensors (ndim ≥ 2) only.
+    """
     import torch
 
     medians: dict[str, float | None] = {}
@@ -72,7 +104,6 @@ def layer_extras(stats: Any) -> dict[str, Any]:
     for name, r in stats.gsnr.items():
         ok = r[~torch.isnan(r)]
         medians[name] = float(ok.median()) if ok.numel() else None
-    weights = getattr(stats, "_weights", None) or {}
     for name, w in weights.items():
         if w.ndim >= 2 and name in stats.mean:
             w64 = w.detach().to("cpu", torch.float64).flatten()
@@ -81,24 +112,8 @@ def layer_extras(stats: Any) -> dict[str, Any]:
     return {"layer_gsnr_median": medians, "layer_opposite_sign": opposite}
 
 
-def _infer_task(loss_fn: Any, data: Any) -> str:
-    import torch
-    from torch import nn
-
-    from ..data import iter_batches
-
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
-        return "classification"
-    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
-        return "regression"
-    with torch.random.fork_rng(devices=[]):
-        for _, y in iter_batches(data, None, None):
-            return "regression" if (y.is_floating_point() or y.is_complex()) else "classification"
-    return "regression"
-
-
 def _schedule(total_steps: int, every: int | None):
-    from ..dynamics.monitor import linear, logarithmic
+    from ..dynamics.schedules import linear, logarithmic
 
     if every is not None:
         return linear(every), f"every {every} steps"
@@ -116,8 +131,28 @@ def _schedule(total_steps: int, every: int | None):
     return _Auto(), repr(_Auto())
 
 
-def _param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+class _RunFile:
+    """The run being measured and its JSON file, re-saved as parts arrive."""
+
+    def __init__(self, path: Path, metadata: dict[str, Any]):
+        self.path = path
+        self.metadata = metadata
+        self.trajectory: Any = None
+        self.control: Any = None
+        self.osgr: list[Any] | None = None
+        self.final_stats: dict[str, Any] | None = None
+
+    def save(self, partial: bool = True, stopped: str | None = None) -> dict[str, Any]:
+        meta = dict(self.metadata)
+        if partial:
+            meta["partial"] = True
+        if stopped:
+            meta["stopped"] = stopped
+        run = new_run(
+            self.trajectory, control=self.control, osgr=self.osgr, final_stats=self.final_stats, metadata=meta
+        )
+        save_run(run, self.path)
+        return run
 
 
 def run_report(
@@ -126,15 +161,22 @@ def run_report(
     *,
     run_json: Path,
     command: str,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     echo: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Train, monitor, run the control and the OSGR experiment; save and return the run dict."""
+    """Train, monitor, run the control and the OSGR experiment; save and return the run dict.
+
+    ``progress`` goes to :func:`~gsnr_diag.dynamics.training.train` (the CLI passes a click
+    progress bar); ``echo`` prints a status line.
+    """
     import torch
     from torch import nn
 
-    from ..dynamics.monitor import Monitor, library_versions
-    from ..dynamics.training import train
+    from ..data import count_samples
+    from ..dynamics.monitor import infer_task
+    from ..errors import DataError
+    from ..experiments.control import shuffled_label_control
+    from ..experiments.monitored import monitored_run
 
     torch.manual_seed(settings.seed)
     model = mf.build()
@@ -142,175 +184,129 @@ def run_report(
     device = torch.device(settings.device)
     model = model.to(device)
     loss_fn = mf.loss_fn
-    task = mf.task or _infer_task(loss_fn, train_data)
+    task = mf.task or infer_task(loss_fn, train_data)
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
     run_control = (task == "classification") if settings.control is None else settings.control
     if run_control and task != "classification":
-        from ..errors import DataError
-
-        raise DataError("--control: the shuffled-label control needs a classification task; this one is regression "
-                        "(from TASK, the loss, or float targets)")
-
-    from ..data import count_samples
+        raise DataError(
+            "--control: the shuffled-label control needs a classification task; this one is regression "
+            "(from TASK, the loss, or float targets)"
+        )
 
     n_train = count_samples(train_data)
     steps_per_epoch = 1 if settings.batch_size is None or not n_train else math.ceil(n_train / settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
-    schedule, schedule_text = _schedule(total_steps, settings.every)
-
-    metadata: dict[str, Any] = {
-        "model": f"{mf.name} ({type(model).__name__})",
-        "model_file": str(mf.path),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": str(device),
-        "task": task,
-        "seed": settings.seed,
-        "command": command,
-        "measure_mode": "eval",
-        "total_parameters": _param_count(model),
-        "settings": {
-            "epochs": settings.epochs,
-            "lr": settings.lr,
-            "batch_size": settings.batch_size if settings.batch_size is not None else "full batch",
-            "optimizer": "make_optimizer() from the model file" if mf.make_optimizer else "SGD (no momentum)",
-            "loss": type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "loss_fn"),
-            "snapshots": schedule_text,
-            "control": "shuffled labels (all labels permuted)" if run_control else "off",
-            "osgr experiment": f"M = {settings.osgr_sets}" if settings.osgr_sets else "off",
-            "settings from": ", ".join(f"{k}: {v}" for k, v in settings.sources.items()),
+    schedule, schedule_text = _schedule(settings.epochs * steps_per_epoch, settings.every)
+    env = environment_info()
+    loss_name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "loss_fn")
+    run = _RunFile(
+        run_json,
+        {
+            "model": f"{mf.name} ({type(model).__name__})",
+            "model_file": str(mf.path),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": str(device),
+            "task": task,
+            "seed": settings.seed,
+            "command": command,
+            "measure_mode": "eval",
+            "total_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "settings": {
+                "epochs": settings.epochs,
+                "lr": settings.lr,
+                "batch_size": settings.batch_size if settings.batch_size is not None else "full batch",
+                "optimizer": "make_optimizer() from the model file" if mf.make_optimizer else "SGD (no momentum)",
+                "loss": loss_name,
+                "snapshots": schedule_text,
+                "control": "shuffled labels (all labels permuted)" if run_control else "off",
+                "osgr experiment": f"M = {settings.osgr_sets}" if settings.osgr_sets else "off",
+                "settings from": ", ".join(f"{k}: {v}" for k, v in settings.sources.items()),
+            },
+            "versions": env["versions"],
+            "platform": env["platform"],
         },
-        "versions": library_versions(),
+    )
+
+    def user_optimizer(params: list[Any]) -> Any:
+        return call_user(mf.make_optimizer, f"make_optimizer() in {mf.path.name}", params, user_files=mf.user_files)
+
+    last_real: dict[str, Any] = {}
+
+    def on_snapshot(label: str, snapshot: Any, monitor: Any) -> None:
+        if snapshot.step == 0 and run_control:
+            echo(f"training on {label} labels{' (the control)' if label == 'shuffled' else ''} ...")
+        if label == "real":  # the control's shuffled run is saved once it is complete
+            run.trajectory = monitor.trajectory
+            last_real["stats"] = monitor.last_stats
+            run.save()
+
+    common = {
+        "epochs": settings.epochs,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "test_data": test_data,
+        "make_optimizer": user_optimizer if mf.make_optimizer is not None else None,
+        "on_snapshot": on_snapshot,
+        "batch_size": settings.batch_size,
+        "progress": progress,
     }
-    state: dict[str, Any] = {"trajectory": None, "control": None, "osgr": None, "final_stats": None}
-
-    def save(partial: bool = True, stopped: str | None = None) -> dict[str, Any]:
-        meta = dict(metadata)
-        if partial:
-            meta["partial"] = True
-        if stopped:
-            meta["stopped"] = stopped
-        run = new_run(state["trajectory"], control=state["control"], osgr=state["osgr"],
-                      final_stats=state["final_stats"], metadata=meta)
-        save_run(run, run_json)
-        return run
-
-    user_files = mf.user_files
-
-    class SavingMonitor(Monitor):
-        """A Monitor that re-saves the run JSON after every snapshot."""
-
-        def record(self, step, **kw):  # type: ignore[override]
-            snap = super().record(step, **kw)
-            if state.get("live") is self:
-                state["trajectory"] = self.trajectory
-                save()
-            return snap
-
-    def optimizer_for(m):
-        if mf.make_optimizer is None:
-            return None
-        params = [p for p in m.parameters() if p.requires_grad]
-        return call_user(mf.make_optimizer, f"make_optimizer() in {mf.path.name}", params, user_files=user_files)
-
     try:
         if run_control:
-            final = _train_with_control(mf, model, train_data, test_data, loss_fn, settings, schedule, state,
-                                        SavingMonitor, optimizer_for, progress, echo)
+            run.control = shuffled_label_control(
+                model,
+                train_data,
+                loss_fn,
+                label_noise=1.0,
+                every=schedule,
+                monitor_batch_size=settings.measure_batch_size,
+                **common,
+            )
         else:
-            monitor = SavingMonitor(model, train_data, loss_fn, test_data=test_data, every=schedule,
-                                    batch_size=settings.measure_batch_size, task=task,
-                                    metadata={"label": "real"})
-            state["live"] = monitor
             echo("training ...")
-            train(model, train_data, loss_fn, epochs=settings.epochs, lr=settings.lr, optimizer=optimizer_for(model),
-                  batch_size=settings.batch_size, monitor=monitor, seed=settings.seed, progress=progress)
-            state["trajectory"] = monitor.trajectory
-            final = monitor.last_stats
-            if final is not None:
-                final._weights = {k: p.detach() for k, p in model.named_parameters() if k in final.mean}  # noqa: SLF001
+            monitor = monitored_run(
+                model,
+                train_data,
+                loss_fn,
+                label="real",
+                task=task,
+                monitor_kw={"every": schedule, "monitor_batch_size": settings.measure_batch_size},
+                **common,
+            )
+            run.trajectory = monitor.trajectory
+        final = last_real.get("stats")
         if final is not None:
             agg = final.aggregates()
+            weights = {k: p.detach() for k, p in model.named_parameters() if k in final.mean}
             try:
-                agg.update(layer_extras(final))
-            except Exception:  # noqa: BLE001 - the layer table degrades to '–'
+                agg.update(layer_extras(final, weights))
+            except Exception:  # the layer table then shows '–'
                 pass
-            state["final_stats"] = agg
-        save()
+            run.final_stats = agg
+        run.save()
         if settings.osgr_sets:
-            from ..experiments.osgr import osgr_experiment
-
             echo(f"OSGR experiment with M = {settings.osgr_sets} training sets ...")
-            state["osgr"] = [_run_osgr(osgr_experiment, mf, train_data, loss_fn, settings, n_train)]
-            save()
+            run.osgr = [_run_osgr(mf, train_data, loss_fn, settings, n_train)]
+            run.save()
     except KeyboardInterrupt:
-        save(stopped="interrupted (Ctrl-C)")
+        run.save(stopped="interrupted (Ctrl-C)")
         raise
     except UserCodeError:
-        save(stopped="the model file raised an exception")
+        run.save(stopped="the model file raised an exception")
         raise
     except Exception as exc:
-        if traceback_enters(exc, user_files):
-            save(stopped=f"the model file raised {type(exc).__name__}")
-            raise UserCodeError(f"code in {mf.path.name}", exc, user_traceback(exc, user_files)) from exc
-        save(stopped=f"{type(exc).__name__}: {exc}")
+        if traceback_enters(exc, mf.user_files):
+            run.save(stopped=f"the model file raised {type(exc).__name__}")
+            raise UserCodeError(f"code in {mf.path.name}", exc, user_traceback(exc, mf.user_files)) from exc
+        run.save(stopped=f"{type(exc).__name__}: {exc}")
         raise
-    stopped = (state["trajectory"].metadata.get("stopped") if state["trajectory"] is not None
-               and hasattr(state["trajectory"], "metadata") else None)
-    return save(partial=bool(stopped), stopped=stopped)
+    stopped = run.trajectory.metadata.get("stopped") if run.trajectory is not None else None
+    return run.save(partial=bool(stopped), stopped=stopped)
 
 
-def _train_with_control(mf, model, train_data, test_data, loss_fn, settings, schedule, state, SavingMonitor,
-                        optimizer_for, progress, echo):
-    """The shuffled-label control (Sec. 3.1), with the model file's optimizer and saving after every snapshot.
-
-    Same as :func:`gsnr_diag.experiments.control.shuffled_label_control` (whose helpers it uses:
-    identical initial weights, labels permuted with ``seed + 1``, the same batch order), but each
-    run trains with ``make_optimizer`` when the file defines one, and the run JSON is updated
-    after every snapshot so an interrupted control keeps what it measured.
-    """
-    import copy
-
-    import torch
-
-    from ..experiments.control import ControlResult, check_classification, control_verdict, corrupt_labels, gsnr_ratio
-    from ..dynamics.training import materialize, train
-
-    X, Y = materialize(train_data)
-    check_classification(Y, "the shuffled-label control (--control)")
-    label_noise = 1.0
-    Y_bad = corrupt_labels(Y, label_noise, torch.Generator().manual_seed(settings.seed + 1))
-    twin = copy.deepcopy(model)
-    runs = {}
-    final = None
-    for label, m, y in (("real", model, Y), ("shuffled", twin, Y_bad)):
-        echo(f"training on {label} labels{' (the control)' if label == 'shuffled' else ''} ...")
-        monitor = SavingMonitor(
-            m, (X, y), loss_fn, test_data=test_data, every=schedule, batch_size=settings.measure_batch_size,
-            task="classification",
-            metadata={"label": label, "settings": {"label_noise": label_noise if label != "real" else 0.0}},
-        )
-        if label == "real":
-            state["live"] = monitor
-        train(m, (X, y), loss_fn, epochs=settings.epochs, lr=settings.lr, optimizer=optimizer_for(m),
-              batch_size=settings.batch_size, monitor=monitor, seed=settings.seed, progress=progress)
-        runs[label] = monitor.trajectory
-        if label == "real":
-            state["trajectory"] = monitor.trajectory
-            final = monitor.last_stats
-            if final is not None:
-                final._weights = {k: p.detach() for k, p in m.named_parameters() if k in final.mean}  # noqa: SLF001
-            state["live"] = None
-    steps, ratio = gsnr_ratio(runs["real"], runs["shuffled"])
-    final_ratio, peak, verdict = control_verdict(steps, ratio)
-    state["control"] = ControlResult(runs["real"], runs["shuffled"], steps, ratio, final_ratio, peak, verdict,
-                                     label_noise)
-    return final
-
-
-def _run_osgr(osgr_experiment, mf: ModelFile, train_data, loss_fn, settings: ReportSettings, n_train: int | None):
+def _run_osgr(mf: ModelFile, train_data: Any, loss_fn: Any, settings: ReportSettings, n_train: int | None) -> Any:
     """The OSGR experiment (Sec. 2.4) sized from the training set: M disjoint sets of n plus a shared test set."""
     from ..errors import DataError
+    from ..experiments.osgr import osgr_experiment
 
     M = settings.osgr_sets
     if not n_train:
@@ -319,13 +315,20 @@ def _run_osgr(osgr_experiment, mf: ModelFile, train_data, loss_fn, settings: Rep
     test_size = min(n_train - M * n, 1000)
     if n < 2 or test_size < 1:
         raise DataError(f"--osgr-sets {M}: {n_train} training samples are too few for {M} sets plus a test set")
-    epochs = 21
-    record_at = [0, 1, 2, 5, 10, 20]
 
     def build():
         return call_user(mf.build_model, f"build_model() in {mf.path.name}", user_files=mf.user_files)
 
     return osgr_experiment(
-        build, train_data, loss_fn, n=n, M=M, test_size=test_size, lr=settings.lr, epochs=epochs,
-        record_at=record_at, seed=settings.seed, measure_batch_size=settings.measure_batch_size,
+        build,
+        train_data,
+        loss_fn,
+        n=n,
+        M=M,
+        test_size=test_size,
+        lr=settings.lr,
+        epochs=OSGR_EPOCHS,
+        record_at=list(OSGR_RECORD_AT),
+        seed=settings.seed,
+        measure_batch_size=settings.measure_batch_size,
     )

@@ -45,6 +45,7 @@ __all__ = [
     "pearson",
     "delta_g_weight_corr",
     "library_versions",
+    "infer_task",
 ]
 
 TASKS = ("classification", "regression")
@@ -88,7 +89,12 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _infer_task(loss_fn: Any, data: Any) -> str:
+def infer_task(loss_fn: Any, data: Any) -> str:
+    """``"classification"`` or ``"regression"``: from the loss type, else from the first target's dtype.
+
+    Cross-entropy/NLL → classification; MSE/L1/smooth-L1/Huber → regression; any other loss (or
+    ``None``) → classification for integer targets, regression for float ones (or no data).
+    """
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         return "classification"
     if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
@@ -244,7 +250,7 @@ class Monitor:
         if bad:
             raise MonitorError(f"record(**extra): values must be numbers, got {bad!r}")
         if self.task is None:
-            self.task = _infer_task(self.loss_fn, self.data)
+            self.task = infer_task(self.loss_fn, self.data)
             self.trajectory.metadata["task"] = self.task
         accuracy = self.task == "classification"
         stats = gradient_stats(

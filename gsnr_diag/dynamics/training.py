@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
-import click
 import torch
 from torch import nn
 
@@ -30,13 +30,66 @@ from ..measure import model_device
 from .monitor import Monitor
 from .trajectory import Trajectory
 
-__all__ = ["train", "NonFiniteLossWarning", "materialize"]
+__all__ = ["train", "NonFiniteLossWarning", "materialize", "Progress", "StderrProgress"]
 
 FULL_BATCH_CHUNK = 4096
+
+#: ``progress(done, total)``: called with 0 before the first update and after every optimizer update.
+Progress = Callable[[int, int], None]
 
 
 class NonFiniteLossWarning(RuntimeWarning):
     """Training stopped because the loss became NaN or infinite."""
+
+
+class StderrProgress:
+    """``train(progress=True)``: a text progress bar on stderr, redrawn in place on a terminal.
+
+    Elsewhere (a log file, CI) it writes its label once, as click's progress bar does.
+    """
+
+    def __init__(self, label: str = "training", stream: TextIO | None = None, width: int = 30):
+        self.label = label
+        self.stream = stream
+        self.width = width
+        self._open = False
+        self._drawn = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        stream = self.stream if self.stream is not None else sys.stderr
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        if not self._open:
+            self._open = True
+            if not tty:
+                stream.write(self.label + "\n")
+                stream.flush()
+        if not tty:
+            return
+        now = time.monotonic()
+        if done < total and now - self._drawn < 0.1:
+            return
+        self._drawn = now
+        filled = self.width * done // total if total else self.width
+        stream.write(f"\r{self.label}  [{'#' * filled}{'-' * (self.width - filled)}]  {done}/{total}")
+        stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line (on a terminal)."""
+        stream = self.stream if self.stream is not None else sys.stderr
+        if self._open and getattr(stream, "isatty", lambda: False)():
+            stream.write("\n")
+            stream.flush()
+        self._open = False
+
+
+def _progress(progress: bool | Progress | None) -> Progress | None:
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return StderrProgress()
+    if callable(progress):
+        return progress
+    raise DataError(f"progress: expected a bool or a callable progress(done, total), got {type(progress).__name__}")
 
 
 def _cat_inputs(parts: list[Inputs]) -> Inputs:
@@ -85,7 +138,7 @@ def train(
     monitor: Monitor | None = None,
     test_data: Any = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | Progress = True,
 ) -> Trajectory | None:
     """Train ``model`` in place; return the monitor's trajectory (``None`` without a monitor).
 
@@ -104,7 +157,9 @@ def train(
             to this step, evaluated before that update.
         test_data: held-out data handed to the monitor when it has none.
         seed: seeds the batch shuffling (a private ``torch.Generator``).
-        progress: show a click progress bar on stderr.
+        progress: ``True``: a text progress bar on stderr (:class:`StderrProgress`); ``False``: none;
+            or a callable ``progress(done, total)`` (e.g. driving the CLI's click progress bar),
+            called with 0 before the first update and after every optimizer update.
 
     The model is left in the train/eval mode it came in.
     """
@@ -158,13 +213,13 @@ def train(
     modes = [(m, m.training) for m in model.modules()]
     last_recorded = -1
     step = 0
-    bar = click.progressbar(length=total, label="training", file=sys.stderr) if progress else None
+    on_progress = _progress(progress)
     try:
-        if bar is not None:
-            bar.__enter__()
         if monitor is not None:
             monitor.record(0, epoch=0.0)
             last_recorded = 0
+        if on_progress is not None:
+            on_progress(0, total)
         for epoch in range(epochs):
             if full_batch:
                 batches = [None]
@@ -193,8 +248,8 @@ def train(
                     return monitor.trajectory if monitor is not None else None
                 optimizer.step()
                 step += 1
-                if bar is not None:
-                    bar.update(1)
+                if on_progress is not None:
+                    on_progress(step, total)
                 if monitor is not None and monitor.should_record(step):
                     _restore_modes(modes)
                     monitor.record(step, epoch=step / steps_per_epoch, batch_loss=loss_value)
@@ -203,8 +258,8 @@ def train(
             _restore_modes(modes)
             monitor.record(step, epoch=step / steps_per_epoch)
     finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+        if isinstance(on_progress, StderrProgress):
+            on_progress.close()
         _restore_modes(modes)
     return monitor.trajectory if monitor is not None else None
 

@@ -31,27 +31,30 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .._io import clean_float
 from ..data import Inputs, call_model, tree_map
-from ..errors import DataError, TrajectoryFormatError
-from ..measure import gradient_stats
-from ..core.correlation import pearson
-from ..dynamics.trajectory import clean_float
 from ..dynamics.training import materialize
+from ..errors import DataError
+from ..measure import gradient_stats
 from .control import build_seeded, check_classification, corrupt_labels
+from .results import OSGRPool, OSGRResult, pool_osgr
 
 __all__ = ["OSGRResult", "OSGRPool", "osgr_experiment", "osgr_lhs", "osgr_rhs", "pool_osgr"]
 
 
 # ----------------------------------------------------------------------------- pure math
 def osgr_lhs(
-    train_before: Sequence[float], train_after: Sequence[float], test_before: Sequence[float], test_after: Sequence[float]
+    train_before: Sequence[float],
+    train_after: Sequence[float],
+    test_before: Sequence[float],
+    test_after: Sequence[float],
 ) -> float | None:
     """Eq. 23: Σ_m ΔL'_m / Σ_m ΔL_m over one step; ``None`` when the training loss did not change."""
     d_train = math.fsum(a - b for a, b in zip(train_after, train_before))
@@ -61,7 +64,9 @@ def osgr_lhs(
     return d_test / d_train
 
 
-def osgr_rhs(means: Sequence[dict[str, torch.Tensor]], variances: Sequence[dict[str, torch.Tensor]], n: int) -> float | None:
+def osgr_rhs(
+    means: Sequence[dict[str, torch.Tensor]], variances: Sequence[dict[str, torch.Tensor]], n: int
+) -> float | None:
     """Eq. 19 with eq. 24: 1 − Σ_j mean_m(ρ²_{m,j}) / (n · Σ_j mean_m(ḡ²_{m,j})).
 
     ``means[m]``/``variances[m]`` are the per-parameter ḡ and ρ² of model m on its own D_m.
@@ -74,119 +79,6 @@ def osgr_rhs(means: Sequence[dict[str, torch.Tensor]], variances: Sequence[dict[
     if signal <= 0 or not math.isfinite(signal) or not math.isfinite(noise):
         return None
     return 1.0 - noise / (n * signal)
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass
-class OSGRResult:
-    """LHS (eq. 23) and RHS (eq. 19/24) at each recorded step of one setting.
-
-    ``train_loss``/``test_loss`` are the means over the M models at θ_t; ``rhs_single`` is the
-    mean over models of the single-set estimate (GradientStats.osgr) for comparison.
-    """
-
-    epochs: list[int]
-    lhs: list[float | None]
-    rhs: list[float | None]
-    settings: dict[str, Any]
-    train_loss: list[float | None] = field(default_factory=list)
-    test_loss: list[float | None] = field(default_factory=list)
-    rhs_single: list[float | None] = field(default_factory=list)
-
-    def pairs(self) -> list[tuple[int, float | None, float | None]]:
-        return list(zip(self.epochs, self.lhs, self.rhs))
-
-    def to_dict(self) -> dict[str, Any]:
-        c = lambda xs: [clean_float(x) for x in xs]  # noqa: E731
-        return {
-            "schema_version": 1,
-            "kind": "gsnr-diag-osgr",
-            "epochs": list(self.epochs),
-            "lhs": c(self.lhs),
-            "rhs": c(self.rhs),
-            "settings": dict(self.settings),
-            "train_loss": c(self.train_loss),
-            "test_loss": c(self.test_loss),
-            "rhs_single": c(self.rhs_single),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OSGRResult":
-        try:
-            if int(d.get("schema_version", 1)) > 1:
-                raise TrajectoryFormatError(
-                    f"osgr: schema_version {d['schema_version']} is newer than this gsnr-diag understands (1)"
-                )
-            c = lambda xs: [clean_float(x) for x in (xs or [])]  # noqa: E731
-            r = cls(
-                epochs=[int(e) for e in d["epochs"]],
-                lhs=c(d["lhs"]),
-                rhs=c(d["rhs"]),
-                settings=dict(d.get("settings") or {}),
-                train_loss=c(d.get("train_loss")),
-                test_loss=c(d.get("test_loss")),
-                rhs_single=c(d.get("rhs_single")),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise TrajectoryFormatError(f"not an OSGRResult dict: {exc!r}") from exc
-        if not (len(r.epochs) == len(r.lhs) == len(r.rhs)):
-            raise TrajectoryFormatError("OSGRResult: epochs, lhs and rhs differ in length")
-        return r
-
-
-@dataclass
-class OSGRPool:
-    """Several settings pooled (Fig. 4): per recorded epoch the Pearson c of LHS vs RHS."""
-
-    epochs: list[int]
-    pearson: list[float | None]
-    n_points: list[int]
-    pearson_all: float | None
-    points: list[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "epochs": list(self.epochs),
-            "pearson": [clean_float(c) for c in self.pearson],
-            "n_points": list(self.n_points),
-            "pearson_all": clean_float(self.pearson_all),
-            "points": [dict(p) for p in self.points],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "OSGRPool":
-        return cls(
-            [int(e) for e in d["epochs"]],
-            [clean_float(c) for c in d["pearson"]],
-            [int(k) for k in d["n_points"]],
-            clean_float(d.get("pearson_all")),
-            [dict(p) for p in d.get("points", [])],
-        )
-
-
-def pool_osgr(results: Iterable[OSGRResult]) -> OSGRPool:
-    """Pool results of several settings (n, label noise, width): Pearson c of LHS vs RHS per epoch
-    (over the settings that recorded it, ``None`` with fewer than 3 points) and over all points."""
-    points: list[dict[str, Any]] = []
-    for i, r in enumerate(results):
-        for e, lhs, rhs in r.pairs():
-            if lhs is not None and rhs is not None:
-                points.append({"epoch": e, "lhs": lhs, "rhs": rhs, "result": i, "settings": dict(r.settings)})
-    epochs = sorted({p["epoch"] for p in points})
-    cs, ks = [], []
-    for e in epochs:
-        sel = [p for p in points if p["epoch"] == e]
-        ks.append(len(sel))
-        cs.append(_pearson_points(sel))
-    return OSGRPool(epochs, cs, ks, _pearson_points(points), points)
-
-
-def _pearson_points(points: list[dict[str, Any]]) -> float | None:
-    if len(points) < 3:
-        return None
-    x = torch.tensor([p["lhs"] for p in points], dtype=torch.float64)
-    y = torch.tensor([p["rhs"] for p in points], dtype=torch.float64)
-    return pearson(x, y)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -207,7 +99,11 @@ class _Vectorized:
         self.names = [k for k, p in model0.named_parameters() if p.requires_grad]
         self.fixed = {k: p.detach() for k, p in model0.named_parameters() if not p.requires_grad}
         self.fixed.update({k: b for k, b in model0.named_buffers()})
-        self.params = {k: p.detach().unsqueeze(0).repeat(M, *([1] * p.ndim)) for k, p in model0.named_parameters() if p.requires_grad}
+        self.params = {
+            k: p.detach().unsqueeze(0).repeat(M, *([1] * p.ndim))
+            for k, p in model0.named_parameters()
+            if p.requires_grad
+        }
 
         def loss_one(p, x, y):
             return loss_fn(_call_functional(model0, {**p, **self.fixed}, x), y)
@@ -367,8 +263,12 @@ def osgr_experiment(
                 runner.model.train()
                 runner._grad(runner.params, xs, ys)
             used_vmap = True
-        except Exception as exc:  # noqa: BLE001 - vmap refuses some models; fall back, loudly
-            warnings.warn(f"osgr_experiment: cannot vmap the model ({exc}); using the sequential loop", RuntimeWarning)
+        except Exception as exc:  # vmap refuses some models: fall back, loudly
+            warnings.warn(
+                f"osgr_experiment: cannot vmap the model ({exc}); using the sequential loop",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             runner = _Sequential(model0, M, loss_fn)
     else:
         runner = _Sequential(model0, M, loss_fn)
@@ -420,7 +320,7 @@ def osgr_experiment(
         "seconds": round(time.perf_counter() - start, 3),
         "measure_seconds": round(measure_s, 3),
     }
-    mean = lambda xs_: clean_float(sum(xs_) / len(xs_))  # noqa: E731
+    mean = lambda xs_: clean_float(sum(xs_) / len(xs_))
     return OSGRResult(
         epochs=record,
         lhs=lhs,
@@ -430,4 +330,3 @@ def osgr_experiment(
         test_loss=[mean(losses[t][1]) for t in record],
         rhs_single=[rhs_single[t] for t in record],
     )
-

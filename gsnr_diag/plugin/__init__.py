@@ -1,10 +1,16 @@
 """pytest plugin of gsnr-diag: the ``gsnr`` fixture, ``@pytest.mark.gsnr``, ``--gsnr-*`` options.
 
-Registered through the ``pytest11`` entry point, so pytest imports this module in every run of
-the environment: it holds hooks and the fixture only and imports nothing heavy (no torch,
-matplotlib or weasyprint). The logic is in :mod:`gsnr_diag.pytest_support` (options, thresholds,
-session, summary) and :mod:`gsnr_diag.pytest_checks` (the fixture's object, messages, JSON,
-report), which is imported only when a test uses the fixture.
+Registered through the ``pytest11`` entry point, so pytest imports this module in every run of the
+environment: it holds hooks and the fixture only and imports nothing heavy (no torch, matplotlib or
+weasyprint). The package is cut by job:
+
+* :mod:`.thresholds` — the threshold keywords, their ini options and marker, and their precedence;
+* :mod:`.session` — the per-run state, the records of each test, the terminal summary;
+* :mod:`.fixture` — the fixture's object (``stats``/``track``/``control`` and ``expect*``), imported
+  when a test first asks for ``gsnr``;
+* :mod:`.checks` — the comparisons of ``expect*`` and their failure messages;
+* :mod:`.files` — ``--gsnr-save`` (run JSON) and ``--gsnr-report`` (through :mod:`gsnr_diag.report`),
+  imported at the end of a session that has something to write.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from . import session as _support
+from .session import SESSION_KEY, GsnrSession
+from .thresholds import MARKER_HELP, THRESHOLDS
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,32 +44,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="save every measurement of the gsnr fixture as a run JSON file in DIR (plus DIR/index.json)",
     )
-    for spec in _support.THRESHOLDS:
+    for spec in THRESHOLDS:
         parser.addini(spec.ini, spec.help, type="linelist" if spec.layered else "string")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", _support.MARKER_HELP)
-    config.stash[_support.SESSION_KEY] = _support.GsnrSession(config)
+    config.addinivalue_line("markers", MARKER_HELP)
+    config.stash[SESSION_KEY] = GsnrSession(config)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     report = yield
-    state = item.config.stash.get(_support.SESSION_KEY, None)
+    state = item.config.stash.get(SESSION_KEY, None)
     if state is not None:
         state.update_outcome(report)
     return report
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    state = session.config.stash.get(_support.SESSION_KEY, None)
-    if state is not None:
-        state.finish()
+    state = session.config.stash.get(SESSION_KEY, None)
+    if state is None or not state.wants_files():
+        return
+    try:
+        from .files import write_files
+    except ImportError as exc:  # a missing report dependency must not hide the test results
+        state.errors.append(f"--gsnr-save/--gsnr-report: {exc}")
+        return
+    write_files(state)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    state = config.stash.get(_support.SESSION_KEY, None)
+    state = config.stash.get(SESSION_KEY, None)
     if state is None:
         return
     lines = state.summary_lines()
@@ -87,8 +100,9 @@ def gsnr(request: pytest.FixtureRequest) -> Any:
     ``gsnr.expect_rising(trajectory, *, factor=)``, ``gsnr.expect_control(control, *, min_ratio=)``.
     Thresholds not passed come from ``@pytest.mark.gsnr(...)``, then from ``gsnr_*`` ini options.
     """
+    from .fixture import GsnrFixture
+
     try:
-        return _support.make_fixture(request.config, request.node)
+        return GsnrFixture(request.config.stash[SESSION_KEY], request.node)
     except ValueError as exc:  # a malformed @pytest.mark.gsnr
         pytest.fail(str(exc), pytrace=False)
-

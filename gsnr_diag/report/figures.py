@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "line_figure",
@@ -189,7 +189,10 @@ def heatmap_figure(
     from matplotlib.colors import LogNorm
 
     data = np.array(
-        [[(float(v) if v is not None and math.isfinite(float(v)) and float(v) > 0 else np.nan) for v in row] for row in values],
+        [
+            [(float(v) if v is not None and math.isfinite(float(v)) and float(v) > 0 else np.nan) for v in row]
+            for row in values
+        ],
         dtype=float,
     )
     masked = np.ma.masked_invalid(data)
@@ -235,8 +238,11 @@ def scatter_figure(
         ax = fig.add_subplot(1, 1, 1)
         allv: list[float] = []
         for i, (label, xs, ys) in enumerate(groups):
-            pts = [(float(a), float(b)) for a, b in zip(xs, ys) if a is not None and b is not None
-                   and math.isfinite(float(a)) and math.isfinite(float(b))]
+            pts = [
+                (float(a), float(b))
+                for a, b in zip(xs, ys)
+                if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
+            ]
             if not pts:
                 continue
             color, _, marker = _STYLES[i % len(_STYLES)]
@@ -244,14 +250,28 @@ def scatter_figure(
             if marker in ("x", "+"):  # unfilled markers take a plain colour
                 ax.scatter(xs_, ys_, s=22, marker=marker, color=color, linewidths=1.0, label=label)
             else:  # alternate filled / hollow so groups differ in grayscale too
-                ax.scatter(xs_, ys_, s=22, marker=marker, facecolors="none" if i % 2 else color,
-                           edgecolors=color, linewidths=1.0, label=label)
+                ax.scatter(
+                    xs_,
+                    ys_,
+                    s=22,
+                    marker=marker,
+                    facecolors="none" if i % 2 else color,
+                    edgecolors=color,
+                    linewidths=1.0,
+                    label=label,
+                )
             allv += [v for p in pts for v in p]
         if allv:
             lo, hi = min(allv), max(allv)
             pad = 0.05 * (hi - lo or 1.0)
-            ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="#444444", linestyle="--",
-                    linewidth=1.0, label="y = x")
+            ax.plot(
+                [lo - pad, hi + pad],
+                [lo - pad, hi + pad],
+                color="#444444",
+                linestyle="--",
+                linewidth=1.0,
+                label="y = x",
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:
@@ -261,4 +281,4 @@ def scatter_figure(
 
 
 def _short(name: str, limit: int = 28) -> str:
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]

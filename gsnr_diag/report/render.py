@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from .run import validate_run
-from .viewmodel import THRESHOLDS, build_view
+from .verdicts import THRESHOLDS
+from .viewmodel import build_view
 
 __all__ = ["render_html", "render_pdf", "write_html"]
 
@@ -47,10 +49,8 @@ def render_html(run: dict[str, Any]) -> str:
 
 
 def write_html(html: str, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
-    return path
+    """Write the report HTML atomically (temp file + rename)."""
+    return atomic_write_text(path, html)
 
 
 def render_pdf(html: str, path: str | os.PathLike[str]) -> Path:

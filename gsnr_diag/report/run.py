@@ -16,38 +16,28 @@ objects, and a run that crashed half-way (saved as it went) still renders what i
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .._io import check_schema_version, clean_float, to_plain, write_json
 from ..errors import TrajectoryFormatError
 
-__all__ = ["RUN_SCHEMA_VERSION", "RUN_KIND", "new_run", "save_run", "load_run", "validate_run", "to_plain"]
+__all__ = [
+    "RUN_SCHEMA_VERSION",
+    "RUN_KIND",
+    "new_run",
+    "save_run",
+    "load_run",
+    "validate_run",
+    "to_plain",
+    "run_metadata",
+    "snapshots",
+    "snapshot_series",
+]
 
 RUN_SCHEMA_VERSION = 1
 RUN_KIND = "gsnr-diag-run"
-
-
-def to_plain(obj: Any) -> Any:
-    """A JSON-ready copy: objects with ``to_dict()`` are converted, NaN/inf become ``None``."""
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return to_plain(obj.to_dict())
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return to_plain(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
 
 
 def new_run(
@@ -77,25 +67,7 @@ def new_run(
 
 def save_run(run: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write the run JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_plain(run), indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; a saved run is an ordinary file to share
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_json(path, run)
 
 
 def validate_run(run: Any, source: str = "run") -> dict[str, Any]:
@@ -104,29 +76,22 @@ def validate_run(run: Any, source: str = "run") -> dict[str, Any]:
         raise TrajectoryFormatError(f"{source}: expected a JSON object, got {type(run).__name__}")
     if run.get("kind") != RUN_KIND:
         raise TrajectoryFormatError(
-            f"{source}: not a gsnr-diag run (\"kind\" is {run.get('kind')!r}, expected {RUN_KIND!r}); "
+            f'{source}: not a gsnr-diag run ("kind" is {run.get("kind")!r}, expected {RUN_KIND!r}); '
             "make one with `gsnr-diag report MODEL_FILE --run-json run.json`"
         )
-    version = run.get("schema_version")
-    if not isinstance(version, int):
-        raise TrajectoryFormatError(f"{source}: missing or invalid \"schema_version\"")
-    if version > RUN_SCHEMA_VERSION:
-        raise TrajectoryFormatError(
-            f"{source}: schema_version {version} is newer than this gsnr-diag understands "
-            f"({RUN_SCHEMA_VERSION}); upgrade gsnr-diag"
-        )
+    check_schema_version(run, RUN_SCHEMA_VERSION, source)
     traj = run.get("trajectory")
     if traj is not None:
         if not isinstance(traj, dict) or not isinstance(traj.get("snapshots", []), list):
-            raise TrajectoryFormatError(f"{source}: \"trajectory\" must be an object with a \"snapshots\" list")
+            raise TrajectoryFormatError(f'{source}: "trajectory" must be an object with a "snapshots" list')
         for i, s in enumerate(traj.get("snapshots", [])):
             if not isinstance(s, dict) or "step" not in s:
-                raise TrajectoryFormatError(f"{source}: snapshot {i} is not an object with a \"step\"")
+                raise TrajectoryFormatError(f'{source}: snapshot {i} is not an object with a "step"')
     for key in ("control", "final_stats", "metadata"):
         if run.get(key) is not None and not isinstance(run[key], dict):
-            raise TrajectoryFormatError(f"{source}: \"{key}\" must be an object or null")
+            raise TrajectoryFormatError(f'{source}: "{key}" must be an object or null')
     if run.get("osgr") is not None and not isinstance(run["osgr"], list):
-        raise TrajectoryFormatError(f"{source}: \"osgr\" must be a list or null")
+        raise TrajectoryFormatError(f'{source}: "osgr" must be a list or null')
     return run
 
 
@@ -142,3 +107,24 @@ def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise TrajectoryFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     return validate_run(run, str(path))
+
+
+# ----------------------------------------------------------------------------- reading a run dict
+def run_metadata(run: dict[str, Any]) -> dict[str, Any]:
+    """The trajectory's metadata overlaid with the run's own (the run's wins)."""
+    meta = dict((run.get("trajectory") or {}).get("metadata") or {})
+    meta.update(run.get("metadata") or {})
+    return meta
+
+
+def snapshots(trajectory: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The snapshot dicts of a trajectory dict, in step order (``[]`` for none)."""
+    if not trajectory:
+        return []
+    snaps = [s for s in trajectory.get("snapshots", []) if isinstance(s, dict)]
+    return sorted(snaps, key=lambda s: s.get("step", 0))
+
+
+def snapshot_series(snaps: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
+    """(steps, values) of one snapshot field; non-finite or absent values are ``None``."""
+    return [int(s.get("step", 0)) for s in snaps], [clean_float(s.get(key)) for s in snaps]
