@@ -19,9 +19,14 @@ NUM_CLASSES = 10
 def paper_cnn(p: int = 16) -> nn.Module:
     """MNIST CNN after the paper's Table 2: conv 5×5 (p channels), max-pool, conv 5×5 (p), max-pool, FC."""
     return nn.Sequential(
-        nn.Conv2d(1, p, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(p, p, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(p * 7 * 7, NUM_CLASSES),
+        nn.Conv2d(1, p, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(p, p, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(p * 7 * 7, NUM_CLASSES),
     )
 
 

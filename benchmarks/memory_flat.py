@@ -54,8 +54,13 @@ def child(model_name: str, n_batches: int) -> dict:
     before = _status_kb("VmRSS")
     stats = gradient_stats(model, batches(), batch_size=BATCH)
     peak = _status_kb("VmHWM")
-    return {"model": model_name, "batches": n_batches, "n": stats.n, "peak_rss_mb": peak / 1024,
-            "extra_mb": (peak - before) / 1024}
+    return {
+        "model": model_name,
+        "batches": n_batches,
+        "n": stats.n,
+        "peak_rss_mb": peak / 1024,
+        "extra_mb": (peak - before) / 1024,
+    }
 
 
 def batches_of(model_name: str, n: int):
@@ -72,16 +77,22 @@ def main() -> None:
     rows = []
     for model_name in ("cnn", "mlp"):
         for n_batches in (10, 100):
-            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", model_name, str(n_batches)],
-                               capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+            r = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--child", model_name, str(n_batches)],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"),
+            )
             if r.returncode != 0:
                 raise SystemExit(r.stderr)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     lines = ["| model | data | samples | peak RSS (MB) | growth during the call (MB) |", "|---|---|---|---|---|"]
     for row in rows:
         size = "1×" if row["batches"] == 10 else "10×"
-        lines.append(f"| {row['model']} | {size} ({row['batches']} batches of {BATCH}) | {row['n']} | "
-                     f"{row['peak_rss_mb']:.1f} | {row['extra_mb']:.1f} |")
+        lines.append(
+            f"| {row['model']} | {size} ({row['batches']} batches of {BATCH}) | {row['n']} | "
+            f"{row['peak_rss_mb']:.1f} | {row['extra_mb']:.1f} |"
+        )
     table = "\n".join(lines)
     if "--json" in sys.argv:
         print(json.dumps({"rows": rows, "table": table}))

@@ -35,9 +35,14 @@ from gsnr_diag.experiments.osgr import _Sequential, _Vectorized, osgr_experiment
 def paper_cnn(p: int = 16, classes: int = 10) -> nn.Module:
     """Table 2 of Liu et al. (2020): conv 5×5 p, max-pool, conv 5×5 2p, max-pool, FC."""
     return nn.Sequential(
-        nn.Conv2d(1, p, 5), nn.ReLU(), nn.MaxPool2d(2),  # 28 → 24 → 12
-        nn.Conv2d(p, 2 * p, 5), nn.ReLU(), nn.MaxPool2d(2),  # 12 → 8 → 4
-        nn.Flatten(), nn.Linear(2 * p * 4 * 4, classes),
+        nn.Conv2d(1, p, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 28 → 24 → 12
+        nn.Conv2d(p, 2 * p, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 12 → 8 → 4
+        nn.Flatten(),
+        nn.Linear(2 * p * 4 * 4, classes),
     )
 
 
@@ -88,17 +93,33 @@ def main() -> None:
     # correctness: after the same steps both give the same parameters
     for r in (vec, seq):
         r.step(xs, ys, lr)
-    worst = max(float((vec.params[k][m] - dict(seq.models[m].named_parameters())[k]).detach().abs().max())
-                for k in vec.names for m in range(M))
+    worst = max(
+        float((vec.params[k][m] - dict(seq.models[m].named_parameters())[k]).detach().abs().max())
+        for k in vec.names
+        for m in range(M)
+    )
     t_vec, t_seq = [], []
     for _ in range(args.repeats):
         t_vec.append(time_steps(vec, xs, ys, lr, args.steps, device))
         t_seq.append(time_steps(seq, xs, ys, lr, args.steps, device))
     step_vec, step_seq = statistics.median(t_vec), statistics.median(t_seq)
     out = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                    "device": str(device), "processor": platform.processor() or platform.machine()},
-        "setting": {"model": args.model, "M": M, "n": n, "p": args.p, "lr": lr, "steps_per_timing": args.steps, "repeats": args.repeats},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "device": str(device),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "setting": {
+            "model": args.model,
+            "M": M,
+            "n": n,
+            "p": args.p,
+            "lr": lr,
+            "steps_per_timing": args.steps,
+            "repeats": args.repeats,
+        },
         "max_abs_param_diff_after_1_step": worst,
         "gd_step_s": {"vectorized": step_vec, "sequential": step_seq, "speedup": step_seq / step_vec},
     }
@@ -115,8 +136,13 @@ def main() -> None:
                 acc.append(time.perf_counter() - t)
                 meas.append(r.settings["measure_seconds"])
         ev, es = statistics.median(e_vec), statistics.median(e_seq)
-        out["experiment_s"] = {"setting": {k: v for k, v in kw.items()}, "vectorized": ev, "sequential": es,
-                               "speedup": es / ev, "gradient_stats_part_s_median": statistics.median(meas)}
+        out["experiment_s"] = {
+            "setting": {k: v for k, v in kw.items()},
+            "vectorized": ev,
+            "sequential": es,
+            "speedup": es / ev,
+            "gradient_stats_part_s_median": statistics.median(meas),
+        }
     print(json.dumps(out, indent=1))
 
 

@@ -28,22 +28,41 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-CONFIGS = [("cnn", 64), ("cnn", 256), ("mlp", 64), ("mlp", 256), ("mlp", 1024), ("sequence", 64),
-           ("sequence", 256), ("transformer", 64), ("transformer", 256)]
+CONFIGS = [
+    ("cnn", 64),
+    ("cnn", 256),
+    ("mlp", 64),
+    ("mlp", 256),
+    ("mlp", 1024),
+    ("sequence", 64),
+    ("sequence", 256),
+    ("transformer", 64),
+    ("transformer", 256),
+]
 MEMORY_CONFIGS = [("cnn", 256), ("mlp", 256), ("mlp", 1024), ("sequence", 256), ("transformer", 256)]
-MEMORY_METHODS = ["plain", "gsnr-diag", "gsnr-diag signs=False", "gsnr-diag gradient_stats()", "opacus",
-                  "torch.func", "backpack BatchGrad", "backpack SumGradSquared (no signs)", "loop"]
+MEMORY_METHODS = [
+    "plain",
+    "gsnr-diag",
+    "gsnr-diag signs=False",
+    "gsnr-diag gradient_stats()",
+    "opacus",
+    "torch.func",
+    "backpack BatchGrad",
+    "backpack SumGradSquared (no signs)",
+    "loop",
+]
 PER_SAMPLE_METHODS = {"opacus", "torch.func", "backpack BatchGrad", "loop"}
-SKIP_PER_SAMPLE = {("mlp", 1024): "skipped: per-sample gradients of 1024 x 669,706 parameters take 2.7 GB in float32 "
-                                  "before the float64 reduction, and the loop would take ~1 min per repetition "
-                                  "(shared 2-core machine)"}
+SKIP_PER_SAMPLE = {
+    ("mlp", 1024): "skipped: per-sample gradients of 1024 x 669,706 parameters take 2.7 GB in float32 "
+    "before the float64 reduction, and the loop would take ~1 min per repetition "
+    "(shared 2-core machine)"
+}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # memory children: large blocks are returned to the OS on free
 
 
 # --- children ----------------------------------------------------------------------------------
 def _time_child(threads: int, budget_s: float, configs) -> dict:
     import torch
-
     from common import METHODS, make
 
     torch.set_num_threads(threads)
@@ -83,9 +102,14 @@ def _time_child(threads: int, budget_s: float, configs) -> dict:
                     cpu.append((c2 - c1) / max((c1 - c0 + c3 - c2) / 2, 1e-9))
                     plain_ms.append(1e3 * (w1 - w0 + w3 - w2) / 2)
                 paths = getattr(getattr(step, "capture", None), "paths", None)
-                out[key] = {"wall": statistics.median(wall), "cpu": statistics.median(cpu), "reps": reps,
-                            "plain_ms": statistics.median(plain_ms), "paths": paths}
-            except Exception as exc:  # noqa: BLE001 - a method that cannot run this model is reported as such
+                out[key] = {
+                    "wall": statistics.median(wall),
+                    "cpu": statistics.median(cpu),
+                    "reps": reps,
+                    "plain_ms": statistics.median(plain_ms),
+                    "paths": paths,
+                }
+            except Exception as exc:
                 out[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
             print(key, out[key], file=sys.stderr, flush=True)
             del step
@@ -103,7 +127,6 @@ def _rss_kb(field: str) -> int:
 
 def _memory_child(model_name: str, batch: int, method: str) -> dict:
     import torch
-
     from common import METHODS, make
 
     torch.set_num_threads(1)
@@ -112,7 +135,7 @@ def _memory_child(model_name: str, batch: int, method: str) -> dict:
     try:
         step = METHODS[method](model, X, Y, loss_fn)
         step()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -126,8 +149,9 @@ def _memory_child(model_name: str, batch: int, method: str) -> dict:
 # --- driver ------------------------------------------------------------------------------------
 def _run_child(args: list[str], env_extra: dict | None = None, timeout: float = 3600) -> dict:
     env = dict(os.environ, **(env_extra or {}))
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
-                       env=env, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -148,8 +172,11 @@ TARGETS = [  # (what, model, batch, method, target ratio) — issue 7, requireme
 
 def _targets(timing: dict, memory: dict, flat: dict) -> list[str]:
     res = timing.get(1, {})
-    L = ["\n## Targets of issue 7 (1 thread, batch 256)\n",
-         "| target | measured (wall) | measured (CPU time) | verdict |", "|---|---|---|---|"]
+    L = [
+        "\n## Targets of issue 7 (1 thread, batch 256)\n",
+        "| target | measured (wall) | measured (CPU time) | verdict |",
+        "|---|---|---|---|",
+    ]
     for what, model, batch, method, target in TARGETS:
         e = res.get(f"{model}|{batch}|{method}", {})
         if "wall" not in e:
@@ -162,16 +189,20 @@ def _targets(timing: dict, memory: dict, flat: dict) -> list[str]:
         g = memory.get(f"mlp|256|{method}", {})
         if "extra_mb" in p and "extra_mb" in g:
             ratio = g["extra_mb"] / max(p["extra_mb"], 1e-9)
-            L.append(f"| MLP extra memory ≤ 2× plain ({method}) | {g['extra_mb']:.1f} MB vs {p['extra_mb']:.1f} MB "
-                     f"= {ratio:.1f}× | | {'met' if ratio <= 2 else f'missed by {ratio / 2 - 1:.0%}'} |")
+            L.append(
+                f"| MLP extra memory ≤ 2× plain ({method}) | {g['extra_mb']:.1f} MB vs {p['extra_mb']:.1f} MB "
+                f"= {ratio:.1f}× | | {'met' if ratio <= 2 else f'missed by {ratio / 2 - 1:.0%}'} |"
+            )
     rows = flat.get("rows", [])
     for model in ("cnn", "mlp"):
         r = [x for x in rows if x["model"] == model]
         if len(r) == 2:
             a, b = sorted(r, key=lambda x: x["batches"])
             same = abs(b["peak_rss_mb"] - a["peak_rss_mb"]) <= max(2.0, 0.02 * a["peak_rss_mb"])
-            L.append(f"| peak memory unchanged over 10× the data ({model}) | {a['peak_rss_mb']:.1f} → "
-                     f"{b['peak_rss_mb']:.1f} MB | | {'met' if same else 'missed'} |")
+            L.append(
+                f"| peak memory unchanged over 10× the data ({model}) | {a['peak_rss_mb']:.1f} → "
+                f"{b['peak_rss_mb']:.1f} MB | | {'met' if same else 'missed'} |"
+            )
     return L
 
 
@@ -225,8 +256,20 @@ def main() -> None:
         timing = {int(k): v for k, v in saved["timing"].items()}
         meta = saved["meta"]
         with open(a.out, "w") as f:
-            f.write(_render(timing, saved["memory"], saved["flat"], _dt(meta["started"]), _dt(meta["finished"]),
-                            meta["load_before"], meta["load_after"], meta["quick"], meta["torch"], meta["opacus"]))
+            f.write(
+                _render(
+                    timing,
+                    saved["memory"],
+                    saved["flat"],
+                    _dt(meta["started"]),
+                    _dt(meta["finished"]),
+                    meta["load_before"],
+                    meta["load_after"],
+                    meta["quick"],
+                    meta["torch"],
+                    meta["opacus"],
+                )
+            )
         print(f"wrote {a.out}", file=sys.stderr)
         return
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -235,20 +278,28 @@ def main() -> None:
     timing = {}
     for threads in (1, 2):
         print(f"timing, {threads} thread(s) ...", file=sys.stderr, flush=True)
-        timing[threads] = _run_child(["--child", "time", "--threads", str(threads), "--budget", str(budget)]
-                                     + (["--quick"] if a.quick else []))
+        timing[threads] = _run_child(
+            ["--child", "time", "--threads", str(threads), "--budget", str(budget)] + (["--quick"] if a.quick else [])
+        )
     memory = {}
     for model_name, batch in MEMORY_CONFIGS[1:2] if a.quick else MEMORY_CONFIGS:
         for method in MEMORY_METHODS:
-            if (method == "loop" and a.quick) or ((model_name, batch) in SKIP_PER_SAMPLE and method in PER_SAMPLE_METHODS):
+            if (method == "loop" and a.quick) or (
+                (model_name, batch) in SKIP_PER_SAMPLE and method in PER_SAMPLE_METHODS
+            ):
                 continue
             key = f"{model_name}|{batch}|{method}"
-            memory[key] = _run_child(["--child", "memory", "--model", model_name, "--batch", str(batch),
-                                      "--method", method], MALLOC_ENV)
+            memory[key] = _run_child(
+                ["--child", "memory", "--model", model_name, "--batch", str(batch), "--method", method], MALLOC_ENV
+            )
             print(key, memory[key], file=sys.stderr, flush=True)
     print("memory over 1x and 10x the data ...", file=sys.stderr, flush=True)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "memory_flat.py"), "--json"], capture_output=True,
-                       text=True, env=dict(os.environ, **MALLOC_ENV))
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "memory_flat.py"), "--json"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **MALLOC_ENV),
+    )
     flat = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-300:]}
     finished = datetime.datetime.now(datetime.timezone.utc)
     load_after = os.getloadavg()
@@ -256,44 +307,84 @@ def main() -> None:
 
     raw = os.path.splitext(a.out)[0] + ".json"
     with open(raw, "w") as f:
-        json.dump({"timing": timing, "memory": memory, "flat": flat,
-                   "meta": {"started": started.isoformat(), "finished": finished.isoformat(),
-                            "load_before": load_before, "load_after": load_after, "quick": a.quick,
-                            "torch": torch.__version__, "opacus": opacus.__version__}}, f, indent=1)
+        json.dump(
+            {
+                "timing": timing,
+                "memory": memory,
+                "flat": flat,
+                "meta": {
+                    "started": started.isoformat(),
+                    "finished": finished.isoformat(),
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "quick": a.quick,
+                    "torch": torch.__version__,
+                    "opacus": opacus.__version__,
+                },
+            },
+            f,
+            indent=1,
+        )
     with open(a.out, "w") as f:
-        f.write(_render(timing, memory, flat, started, finished, load_before, load_after, a.quick, torch.__version__,
-                        opacus.__version__))
+        f.write(
+            _render(
+                timing,
+                memory,
+                flat,
+                started,
+                finished,
+                load_before,
+                load_after,
+                a.quick,
+                torch.__version__,
+                opacus.__version__,
+            )
+        )
     print(f"wrote {a.out}", file=sys.stderr)
 
 
-METHOD_ORDER = ["gsnr-diag", "gsnr-diag signs=False", "gsnr-diag one batch", "gsnr-diag gradient_stats()", "opacus",
-                "torch.func", "backpack BatchGrad", "backpack SumGradSquared (no signs)", "loop"]
+METHOD_ORDER = [
+    "gsnr-diag",
+    "gsnr-diag signs=False",
+    "gsnr-diag one batch",
+    "gsnr-diag gradient_stats()",
+    "opacus",
+    "torch.func",
+    "backpack BatchGrad",
+    "backpack SumGradSquared (no signs)",
+    "loop",
+]
 
 
 def _render(timing, memory, flat, started, finished, load_before, load_after, quick, torch_v, opacus_v) -> str:
     try:
-        import backpack  # noqa: F401
         from importlib.metadata import version
 
+        import backpack  # noqa: F401
+
         bp = f"backpack-for-pytorch {version('backpack-for-pytorch')}"
-    except Exception:  # noqa: BLE001
+    except Exception:
         bp = "BackPACK not installed"
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     L = []
     L.append("# gsnr-diag benchmarks\n")
-    L.append("Regenerate with (from the repository root; about 20 minutes on 2 cores; raw numbers go to "
-             "`benchmarks/RESULTS.json`):\n")
+    L.append(
+        "Regenerate with (from the repository root; about 20 minutes on 2 cores; raw numbers go to "
+        "`benchmarks/RESULTS.json`):\n"
+    )
     L.append("```\npython benchmarks/run.py\n```\n")
-    L.append(f"{'**QUICK SMOKE RUN — numbers not for quoting.** ' if quick else ''}"
-             f"Run {started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC on {platform.node() or '?'}: {os.cpu_count()} CPUs "
-             f"({cpu}), Python {platform.python_version()}, torch {torch_v}, opacus {opacus_v}, {bp}. "
-             f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (the machine was shared with "
-             "other jobs, so absolute times are noisy; only interleaved ratios are quoted).\n")
+    L.append(
+        f"{'**QUICK SMOKE RUN — numbers not for quoting.** ' if quick else ''}"
+        f"Run {started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC on {platform.node() or '?'}: {os.cpu_count()} CPUs "
+        f"({cpu}), Python {platform.python_version()}, torch {torch_v}, opacus {opacus_v}, {bp}. "
+        f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (the machine was shared with "
+        "other jobs, so absolute times are noisy; only interleaved ratios are quoted).\n"
+    )
     L.append("""
 **What each method does on one batch**: per-sample gradients reduced to Σg, Σg² (float64) and per-element
 positive/negative sign counts, except where it says *no signs*.
@@ -321,24 +412,37 @@ FC on 32×64 inputs. Synthetic data (standard normal inputs, random labels), flo
         if "error" in res:
             L.append(f"\n## Speed, {threads} thread(s): failed: `{res['error']}`\n")
             continue
-        L.append(f"\n## Speed, {threads} thread{'s' if threads > 1 else ''}: median time ratio to a plain "
-                 "forward+backward (wall clock)\n")
+        L.append(
+            f"\n## Speed, {threads} thread{'s' if threads > 1 else ''}: median time ratio to a plain "
+            "forward+backward (wall clock)\n"
+        )
         cols = [f"{m} B={b}" for m, b in CONFIGS]
         L.append("| method | " + " | ".join(cols) + " |")
         L.append("|---" * (len(cols) + 1) + "|")
-        L.append("| plain forward+backward (ms) | " + " | ".join(
-            next((f"{v['plain_ms']:.1f}" for k, v in res.items() if k.startswith(f"{m}|{b}|") and "plain_ms" in v), "–")
-            for m, b in CONFIGS) + " |")
+        L.append(
+            "| plain forward+backward (ms) | "
+            + " | ".join(
+                next(
+                    (f"{v['plain_ms']:.1f}" for k, v in res.items() if k.startswith(f"{m}|{b}|") and "plain_ms" in v),
+                    "–",
+                )
+                for m, b in CONFIGS
+            )
+            + " |"
+        )
         for method in METHOD_ORDER:
             L.append(f"| {method} | " + " | ".join(_fmt(res.get(f"{m}|{b}|{method}")) for m, b in CONFIGS) + " |")
         if threads == 1:
-            L.append("\nThe same, thread CPU time instead of wall clock (1 thread; insensitive to time spent "
-                     "descheduled on the shared machine):\n")
+            L.append(
+                "\nThe same, thread CPU time instead of wall clock (1 thread; insensitive to time spent "
+                "descheduled on the shared machine):\n"
+            )
             L.append("| method | " + " | ".join(cols) + " |")
             L.append("|---" * (len(cols) + 1) + "|")
             for method in METHOD_ORDER[:4]:
-                L.append(f"| {method} | " + " | ".join(_fmt(res.get(f"{m}|{b}|{method}"), "cpu")
-                                                       for m, b in CONFIGS) + " |")
+                L.append(
+                    f"| {method} | " + " | ".join(_fmt(res.get(f"{m}|{b}|{method}"), "cpu") for m, b in CONFIGS) + " |"
+                )
         errs = _errors(res)
         if errs:
             L.append("\nn/a — the method cannot run that model:\n")
@@ -348,15 +452,21 @@ FC on 32×64 inputs. Synthetic data (standard normal inputs, random labels), flo
         if k.endswith("|gsnr-diag") and v.get("paths"):
             paths.setdefault(k.split("|")[0], v["paths"])
     if paths:
-        L.append("\ngsnr-diag capture path per module: " + "; ".join(
-            f"{m}: " + ", ".join(f"`{mod}` {p}" for mod, p in ps.items()) for m, ps in paths.items()) + "\n")
-    L.append("\n## Extra memory (MB): peak RSS of one step over the RSS before it, own subprocess per method, "
-             "1 thread\n")
-    L.append("Measured with `MALLOC_MMAP_THRESHOLD_=65536` so that freed blocks return to the OS and the RSS "
-             "before a step is not inflated by the warm-up step. For `gsnr-diag` (steady state) the float64 "
-             "accumulators and work buffers already exist (allocated in the warm-up step); `gradient_stats()` "
-             "includes everything a call allocates: accumulators (4 float64 tensors per parameter) and the "
-             "`GradientStats` result.\n")
+        L.append(
+            "\ngsnr-diag capture path per module: "
+            + "; ".join(f"{m}: " + ", ".join(f"`{mod}` {p}" for mod, p in ps.items()) for m, ps in paths.items())
+            + "\n"
+        )
+    L.append(
+        "\n## Extra memory (MB): peak RSS of one step over the RSS before it, own subprocess per method, 1 thread\n"
+    )
+    L.append(
+        "Measured with `MALLOC_MMAP_THRESHOLD_=65536` so that freed blocks return to the OS and the RSS "
+        "before a step is not inflated by the warm-up step. For `gsnr-diag` (steady state) the float64 "
+        "accumulators and work buffers already exist (allocated in the warm-up step); `gradient_stats()` "
+        "includes everything a call allocates: accumulators (4 float64 tensors per parameter) and the "
+        "`GradientStats` result.\n"
+    )
     cols = [f"{m} B={b}" for m, b in MEMORY_CONFIGS]
     L.append("| method | " + " | ".join(cols) + " |")
     L.append("|---" * (len(cols) + 1) + "|")
@@ -375,9 +485,11 @@ FC on 32×64 inputs. Synthetic data (standard normal inputs, random labels), flo
     if os.path.exists(os.path.join(HERE, "NOTES.md")):
         with open(os.path.join(HERE, "NOTES.md")) as fh:
             L.append("\n" + fh.read())
-    L.append("\n## GPU\n\nGPU figures are pending: no GPU was available to this run. The code keeps every "
-             "accumulator and work buffer on the model's device (no CPU is hard-coded); `torch._int_mm` for the "
-             "sign counts falls back to float32 products where the device or shape does not support it.\n")
+    L.append(
+        "\n## GPU\n\nGPU figures are pending: no GPU was available to this run. The code keeps every "
+        "accumulator and work buffer on the model's device (no CPU is hard-coded); `torch._int_mm` for the "
+        "sign counts falls back to float32 products where the device or shape does not support it.\n"
+    )
     return "\n".join(L) + "\n"
 
 

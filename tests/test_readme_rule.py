@@ -31,6 +31,8 @@ def test_readme_moment_rule_example_is_exact(capsys):
         for k in ref["mean"]:
             scale = float(np.abs(ref["mean"][k]).max())
             np.testing.assert_allclose(stats.mean[k].numpy(), ref["mean"][k], rtol=1e-4, atol=1e-6 * scale)
-            np.testing.assert_allclose(stats.var[k].numpy(), ref["var"][k], rtol=1e-4, atol=1e-6 * float(ref["var"][k].max()))
+            np.testing.assert_allclose(
+                stats.var[k].numpy(), ref["var"][k], rtol=1e-4, atol=1e-6 * float(ref["var"][k].max())
+            )
     finally:
         MOMENT_RULES.pop(namespace.get("Scale"), None)  # keep the registry as the other tests expect it
