@@ -13,14 +13,18 @@ from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
 from .registry import RuleContext, register_moment_rule
 
 
+def _explicit_padding(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple | str]:
+    """``(x, padding)`` with string padding or a non-zero padding mode applied to ``x`` (padding then 0)."""
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (x.ndim - 2)
+    return x, layer.padding
+
+
 def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """im2col: [b, C_in, *spatial] → [b, C_in·∏k, L] with the layer's padding, stride and dilation."""
     nd = x.ndim - 2
-    padding = layer.padding
-    if isinstance(padding, str) or layer.padding_mode != "zeros":
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * nd
+    x, padding = _explicit_padding(layer, x)
     if nd == 1:
         return F.unfold(
             x.unsqueeze(2),
@@ -52,11 +56,7 @@ def _conv_weight_moments_grouped(
     torch's expanded weights).
     """
     nd = x.ndim - 2
-    padding = layer.padding
-    if isinstance(padding, str) or layer.padding_mode != "zeros":
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * nd
+    x, padding = _explicit_padding(layer, x)
     W = layer.weight
     cout, cin = layer.out_channels, layer.in_channels
     isz = torch.finfo(dt).bits // 8
