@@ -43,10 +43,15 @@ def to_plain(obj: Any) -> Any:
         return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays / torch tensors, scalars included
+        try:
+            return to_plain(obj.tolist())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if hasattr(obj, "item") and callable(obj.item):
         try:
             return to_plain(obj.item())
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             pass
     if hasattr(obj, "__float__"):
         try:
