@@ -16,9 +16,9 @@ import numpy  # noqa: F401
 import pytest
 import torch
 
-import gsnr_diag.dynamics.monitor  # noqa: F401
-import gsnr_diag.dynamics.training  # noqa: F401
-import gsnr_diag.measure  # noqa: F401
+import gsnr_diag.dynamics.monitor
+import gsnr_diag.dynamics.training
+import gsnr_diag.measure
 import gsnr_diag.plugin.files
 import gsnr_diag.plugin.workers
 import gsnr_diag.report.figures
@@ -37,6 +37,7 @@ def _warm_lazy_imports():
     train(torch.nn.Linear(3, 2), (x, y), epochs=1, lr=0.1, progress=False)
     series = gsnr_diag.report.figures.Series("warm-up", [0, 1], [1.0, 2.0])
     gsnr_diag.report.figures.line_figure([series], xlabel="step", ylabel="mean GSNR", log=True)
+
 
 CONFTEST = """
 import pytest
