@@ -45,6 +45,7 @@ def __dir__() -> list[str]:
 
 _lazy(
     ".errors",
+    "ArgumentError",
     "DataError",
     "GsnrDiagError",
     "LossError",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .core.moments import ChunkMoments, Moments  # noqa: F401
     from .core.stats import GradientStats  # noqa: F401
     from .errors import (  # noqa: F401
+        ArgumentError,
         DataError,
         GsnrDiagError,
         LossError,

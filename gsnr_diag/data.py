@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,6 +32,41 @@ _FORMS = (
     "a DataLoader, a Dataset of (x, y) pairs, a tuple (X, Y) of tensors with equal first "
     "dimension, or an iterable of (x, y) batches"
 )
+
+
+_AS_TENSORS = "data=(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y))"
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+
+def _array_like(v: Any) -> bool:
+    """A NumPy array or a pandas / array-library object that is not a tensor."""
+    if isinstance(v, torch.Tensor):
+        return False
+    return isinstance(v, np.ndarray) or (hasattr(v, "__array__") and hasattr(v, "shape"))
+
+
+def _describe_array(v: Any) -> str:
+    return f"{type(v).__module__.split('.')[0]}.{type(v).__name__} of shape {tuple(getattr(v, 'shape', ()))}"
+
+
+def _dict_hint(d: Mapping, name: str = "batch") -> str:
+    keys = list(d)
+    label = next((k for k in _LABEL_KEYS if k in d), None)
+    if label is None:
+        return f"keys {keys[:8]!r}"
+    return (
+        f"keys {keys[:8]!r}; split it into (inputs, targets), e.g. "
+        f"({{k: v for k, v in {name}.items() if k != {label!r}}}, {name}[{label!r}])"
+    )
+
+
+def check_reiterable(data: Any, what: str, why: str) -> None:
+    """Refuse a generator or other one-shot iterator where ``data`` is read more than once."""
+    if isinstance(data, Iterator):
+        raise DataError(
+            f"{what}: a {type(data).__name__} can be read only once, but {why}; pass a list of (x, y) batches, "
+            "a tuple (X, Y) of tensors or a DataLoader, which can be read again"
+        )
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], x: Inputs) -> Inputs:
@@ -57,6 +93,13 @@ def batch_len(batch: Batch) -> int:
 
 
 def _check_batch(item: Any, index: int) -> Batch:
+    if _array_like(item):
+        raise DataError(
+            f"data: batch {index} is a {_describe_array(item)}; expected a pair (x, y) of torch tensors. "
+            f"Convert the arrays first, e.g. {_AS_TENSORS}, or yield (torch.as_tensor(x), torch.as_tensor(y))"
+        )
+    if isinstance(item, Mapping):
+        raise DataError(f"data: batch {index} is a dict with {_dict_hint(item)}; expected a pair (x, y)")
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         kind = type(item).__name__
         extra = f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""
@@ -75,6 +118,11 @@ def _check_batch(item: Any, index: int) -> Batch:
             "(did you pass a single sample instead of a batch?)"
         )
     leaves = tensor_leaves(x)
+    if not leaves and _array_like(x):
+        raise DataError(
+            f"data: the input x of batch {index} is a {_describe_array(x)}, expected a torch tensor; "
+            f"convert it first, e.g. {_AS_TENSORS}"
+        )
     if not leaves:
         raise DataError(
             f"data: the input x of batch {index} is a {type(x).__name__} holding no tensors; "
@@ -116,9 +164,32 @@ def _raw_batches(data: Any, batch_size: int | None) -> Iterator[Batch]:
         raise DataError(
             f"data: got a single tensor; gsnr-diag needs targets too. Pass a tuple (X, Y), or one of: {_FORMS}."
         )
+    if _array_like(data):
+        raise DataError(
+            f"data: got a {_describe_array(data)}; gsnr-diag needs inputs and targets as torch tensors: {_AS_TENSORS}"
+        )
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(_array_like(v) for v in data):
+        parts = ", ".join(
+            f"{n} is a {_describe_array(v) if _array_like(v) else type(v).__name__}" for n, v in zip("XY", data)
+        )
+        raise DataError(f"data: (X, Y) holds arrays that are not torch tensors ({parts}); convert them: {_AS_TENSORS}")
+    if isinstance(data, Mapping):
+        raise DataError(
+            f"data: got a dict with {_dict_hint(data, 'data')}; or pass a tuple (X, Y) of tensors "
+            f"(X may be a dict of input tensors, for a model called with keyword arguments), or one of: {_FORMS}."
+        )
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise DataError(f"data: got a {type(data).__name__}; expected {_FORMS}.")
-    yield from (_check_batch(b, i) for i, b in enumerate(data))
+    seen = 0
+    for i, b in enumerate(data):
+        seen += 1
+        yield _check_batch(b, i)
+    if not seen and isinstance(data, Iterator):
+        raise DataError(
+            f"data: the {type(data).__name__} yielded no batches: a generator or iterator can be read only once, "
+            "and this one is used up (or empty). Pass a fresh one, or a list of (x, y) batches, a tuple (X, Y) "
+            "or a DataLoader, which can be read again"
+        )
 
 
 def _cat(parts: list[Batch]) -> Batch:

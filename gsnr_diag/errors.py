@@ -38,3 +38,7 @@ class ThresholdError(GsnrDiagError, AssertionError):
 
 class MonitorError(GsnrDiagError, ValueError):
     """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
+
+
+class ArgumentError(GsnrDiagError, ValueError):
+    """A setting argument is invalid: ``device``, ``epsilon``, ``max_memory_mb``, ``distributed``, ``optimizer``, ..."""

@@ -17,6 +17,7 @@ from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .data import iter_batches
 from .errors import DataError, ModelError
+from .validate import check_device, check_distributed, check_epsilon, check_loss_fn, check_max_memory_mb, check_model
 
 __all__ = ["gradient_stats", "preserved_state", "model_device"]
 
@@ -102,21 +103,19 @@ def gradient_stats(
             in blocks of samples sized to fit. Default 512 MB. It does not bound the forward and
             backward pass of a chunk itself (set ``batch_size`` for that).
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if mode not in MODES:
         raise ModelError(f"mode: expected 'eval' or 'train', got {mode!r}")
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss()
-    if not callable(loss_fn):
-        raise ModelError(f"loss_fn: expected a callable loss_fn(output, target), got {type(loss_fn).__name__}")
-    if max_memory_mb is not None and not (isinstance(max_memory_mb, (int, float)) and max_memory_mb > 0):
-        raise ModelError(f"max_memory_mb: expected a positive number of megabytes, got {max_memory_mb!r}")
-    if epsilon < 0:
-        raise ModelError(f"epsilon: expected a non-negative number, got {epsilon!r}")
+    check_loss_fn(loss_fn)
+    check_max_memory_mb(max_memory_mb)
+    check_epsilon(epsilon)
+    check_distributed(distributed, process_group)
+    checked = check_device(device)
 
     home = model_device(model)
-    target = torch.device(device) if device is not None else home
+    target = checked if checked is not None else home
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     work = model

@@ -30,9 +30,10 @@ from torch import nn
 
 from ..core.correlation import pearson
 from ..core.stats import GradientStats
-from ..data import call_model, count_samples, iter_batches
+from ..data import call_model, check_reiterable, count_samples, iter_batches
 from ..errors import MonitorError
 from ..measure import gradient_stats, model_device, preserved_state
+from ..validate import check_loss_fn, check_model
 from .schedules import Schedule, _as_schedule, linear, logarithmic
 from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
 
@@ -173,6 +174,10 @@ class Monitor:
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if task is not None and task not in TASKS:
             raise MonitorError(f"task: expected 'classification', 'regression' or None, got {task!r}")
+        check_model(model)
+        check_loss_fn(loss_fn if loss_fn is not None else nn.CrossEntropyLoss())
+        check_reiterable(data, "data", "the monitor measures it at every snapshot")
+        check_reiterable(test_data, "test_data", "the monitor evaluates it at every snapshot")
         self.model = model
         self.data = data
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()

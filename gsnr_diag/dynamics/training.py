@@ -24,9 +24,10 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from ..data import Inputs, call_model, count_samples, iter_batches, tree_map
+from ..data import Inputs, call_model, check_reiterable, count_samples, iter_batches, tree_map
 from ..errors import DataError, ModelError
 from ..measure import model_device
+from ..validate import check_loss_fn, check_model, check_optimizer
 from .monitor import Monitor
 from .trajectory import Trajectory
 
@@ -163,8 +164,7 @@ def train(
 
     The model is left in the train/eval mode it came in.
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise DataError(f"epochs: expected a non-negative int, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -174,11 +174,17 @@ def train(
     if monitor is not None and monitor.model is not model:
         raise ModelError("monitor: it watches a different model than the one being trained")
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    check_loss_fn(loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ModelError("model: it has no trainable parameters (every parameter has requires_grad=False)")
     if optimizer is None:
         optimizer = torch.optim.SGD(params, lr=lr)
+    check_optimizer(optimizer, model)
+    if batch_size is None:
+        check_reiterable(data, "data", "full-batch training (batch_size=None) reads it at every step")
+    if monitor is not None and monitor.test_data is None and test_data is not None:
+        check_reiterable(test_data, "test_data", "the monitor evaluates it at every snapshot")
     device = model_device(model)
 
     full_batch = batch_size is None

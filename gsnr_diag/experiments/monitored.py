@@ -15,6 +15,7 @@ from torch import nn
 from ..dynamics.monitor import Monitor
 from ..dynamics.training import train
 from ..dynamics.trajectory import Snapshot
+from ..validate import check_optimizer
 
 __all__ = ["MONITOR_KEYS", "OnSnapshot", "MakeOptimizer", "monitored_run"]
 
@@ -90,5 +91,6 @@ def monitored_run(
     optimizer = None
     if make_optimizer is not None:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        check_optimizer(optimizer, model, "make_optimizer(params)")
     train(model, data, loss_fn, epochs=epochs, lr=lr, optimizer=optimizer, monitor=monitor, seed=seed, **train_kw)
     return monitor

@@ -43,6 +43,7 @@ from ..data import Inputs, call_model, tree_map
 from ..dynamics.training import materialize
 from ..errors import DataError
 from ..measure import gradient_stats
+from ..validate import check_loss_fn, check_model
 from .control import build_seeded, check_classification, corrupt_labels
 from .results import OSGRPool, OSGRResult, pool_osgr
 
@@ -219,6 +220,7 @@ def osgr_experiment(
     if record[0] < 0 or record[-1] >= epochs:
         raise DataError(f"record_at: every step must be in [0, epochs-1] = [0, {epochs - 1}], got {record}")
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    check_loss_fn(loss_fn)
 
     X, Y = materialize(data)
     N = int(Y.shape[0])
@@ -235,6 +237,7 @@ def osgr_experiment(
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(N, generator=g)
     model0 = build_seeded(build_model, seed)
+    check_model(model0, "build_model()")
     device = next((p.device for p in model0.parameters()), torch.device("cpu"))
     train_idx = perm[: M * n].reshape(M, n)
     test_idx = perm[M * n : M * n + test_size]

@@ -10,7 +10,9 @@ weasyprint). The package is cut by job:
   when a test first asks for ``gsnr``;
 * :mod:`.checks` — the comparisons of ``expect*`` and their failure messages;
 * :mod:`.files` — ``--gsnr-save`` (run JSON) and ``--gsnr-report`` (through :mod:`gsnr_diag.report`),
-  imported at the end of a session that has something to write.
+  imported at the end of a session that has something to write;
+* :mod:`.workers` — under pytest-xdist, each worker's records sent to the controller through
+  ``config.workeroutput`` and merged there, so files and summary cover every test.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from .session import SESSION_KEY, GsnrSession
+from .session import SESSION_KEY, WORKER_OUTPUT_KEY, GsnrSession
 from .thresholds import MARKER_HELP, THRESHOLDS
 
 
@@ -36,7 +38,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--gsnr-report",
         metavar="PATH",
         default=None,
-        help="write a report with one section per test that measured GSNR: HTML, or PDF when PATH ends in .pdf",
+        help="write a report with one section per test that measured GSNR: HTML, or PDF when PATH ends in .pdf; "
+        "PATH/index.html when PATH is a folder (ends in /)",
     )
     group.addoption(
         "--gsnr-save",
@@ -50,7 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    config.stash[SESSION_KEY] = GsnrSession(config)
+    config.stash[SESSION_KEY] = state = GsnrSession(config)
+    if not state.is_worker:
+        config.pluginmanager.register(_Order(config), "gsnr-diag-order")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -62,9 +67,47 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     return report
 
 
+class _Order:
+    """On the xdist controller: an empty record per collected test, so merged tests keep the collection order."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        state = self.config.stash.get(SESSION_KEY, None)
+        if state is not None:
+            for nodeid in ids:
+                state.record_for(nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist controller: merge the records a worker sent in ``workeroutput`` at its session end."""
+    state = node.config.stash.get(SESSION_KEY, None)
+    if state is None:
+        return
+    payload = (getattr(node, "workeroutput", None) or {}).get(WORKER_OUTPUT_KEY)
+    name = getattr(getattr(node, "gateway", None), "id", "a worker")
+    if payload:
+        from .workers import merge_payload
+
+        merge_payload(state, payload, worker=name)
+    elif error and (state.save_dir is not None or state.report_path is not None):
+        state.errors.append(f"the records of {name}: it went down ({error}); the tests it ran are missing")
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(SESSION_KEY, None)
-    if state is None or not state.wants_files():
+    if state is None:
+        return
+    if state.is_worker:  # the controller writes the files and the summary for every worker
+        if any(r.measurements or r.checks for r in state.records.values()):
+            from .workers import worker_payload
+
+            session.config.workeroutput[WORKER_OUTPUT_KEY] = worker_payload(state)  # type: ignore[attr-defined]
+        return
+    if not state.wants_files():
         return
     try:
         from .files import write_files

@@ -10,6 +10,7 @@ jinja environment and CSS; a ``.pdf`` suffix prints it with the report's weasypr
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from ..report.run import new_run, snapshot_series, snapshots
 from ..report.verdicts import headline, metrics, verdict_values
 from .session import GsnrSession, Measurement, TestRecord, point_of
 
-__all__ = ["INDEX_SCHEMA_VERSION", "measurement_run", "page_view", "render_page", "write_files"]
+__all__ = ["INDEX_SCHEMA_VERSION", "measurement_run", "page_view", "render_page", "unique_names", "write_files"]
 
 INDEX_SCHEMA_VERSION = 1
 TEMPLATE = "plugin_report.html.jinja2"
@@ -45,11 +46,33 @@ def safe_name(nodeid: str) -> str:
     return s[-150:] or "test"
 
 
+def unique_names(nodeids: list[str]) -> dict[str, str]:
+    """:func:`safe_name` of each node id, made unique (ignoring case, for case-insensitive file systems).
+
+    Node ids that differ only in replaced characters (``t[a b]``, ``t[a_b]``, ``t[a/b]``) all give
+    ``t_a_b``; every one after the first gets 8 hex digits of the SHA-1 of its node id appended.
+    """
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for nodeid in nodeids:
+        base = name = safe_name(nodeid)
+        if name.lower() in used:
+            digest = hashlib.sha1(nodeid.encode("utf-8")).hexdigest()[:8]
+            name, k = f"{base}-{digest}", 2
+            while name.lower() in used:
+                name, k = f"{base}-{digest}-{k}", k + 1
+        used.add(name.lower())
+        out[nodeid] = name
+    return out
+
+
 # ------------------------------------------------------------------------------------------- runs
 
 
 def measurement_run(rec: TestRecord, m: Measurement, machine: dict[str, Any]) -> dict[str, Any]:
     """A saved run (docs/CONTRACT.md "run JSON") for one measurement of one test."""
+    if m.run is not None:  # made by the xdist worker that ran the test (gsnr_diag.plugin.workers)
+        return m.run
     trajectory = control = final_stats = None
     if m.kind == "control":
         control, trajectory = m.result, m.result.real
@@ -73,14 +96,15 @@ def measurement_run(rec: TestRecord, m: Measurement, machine: dict[str, Any]) ->
 
 def _save(session: GsnrSession, records: list[TestRecord], runs: list[list[dict[str, Any]]], machine: Any) -> None:
     """One run JSON (``"kind": "gsnr-diag-run"``) per measurement, plus ``index.json`` for the session."""
-    tests, n_files = [], 0
+    tests, written = [], set()
+    stems = unique_names([rec.nodeid for rec in records])
     for rec, rec_runs in zip(records, runs):
         files = []
         for i, (m, run) in enumerate(zip(rec.measurements, rec_runs), 1):
-            name = f"{safe_name(rec.nodeid)}--{i}-{m.kind}.json"
+            name = f"{stems[rec.nodeid]}--{i}-{m.kind}.json"
             write_json(session.save_dir / name, run)
             files.append(name)
-        n_files += len(files)
+            written.add(name.lower())
         tests.append(
             {"test": rec.nodeid, "outcome": rec.outcome, "checks": [c.to_dict() for c in rec.checks], "files": files}
         )
@@ -92,7 +116,7 @@ def _save(session: GsnrSession, records: list[TestRecord], runs: list[list[dict[
         "tests": tests,
     }
     write_json(session.save_dir / "index.json", index)
-    session.written.append((f"{n_files} measurement JSON file(s) + index.json", session.save_dir))
+    session.written.append((f"{len(written)} measurement JSON file(s) + index.json", session.save_dir))
 
 
 # ------------------------------------------------------------------------------- the report view
@@ -204,6 +228,7 @@ def measurement_view(run: dict[str, Any]) -> MeasurementView:
 def page_view(records: list[TestRecord], runs: list[list[dict[str, Any]]], machine: dict[str, Any]) -> dict[str, Any]:
     """The plugin page's view-model: one section per test that measured something."""
     sections = []
+    anchors = unique_names([rec.nodeid for rec in records])
     for rec, rec_runs in zip(records, runs):
         h = rec.headline()
         checks = [
@@ -213,7 +238,7 @@ def page_view(records: list[TestRecord], runs: list[list[dict[str, Any]]], machi
         sections.append(
             TestSection(
                 test=rec.nodeid,
-                anchor=safe_name(rec.nodeid),
+                anchor=anchors[rec.nodeid],
                 outcome=rec.outcome or "?",
                 passed=rec.passed,
                 headline=[_html_number(h[k]) for k in ("mean_gsnr", "osgr", "same_sign", "control_ratio")],

@@ -34,7 +34,11 @@ class GsnrFixture:
 
     @property
     def device(self) -> str | None:
-        """The ``--gsnr-device`` option (``None``: the model's own device)."""
+        """The ``--gsnr-device`` option (``None``: the model's own device), checked to be usable here."""
+        if self._session.device is not None:
+            from ..validate import check_device
+
+            check_device(self._session.device, "--gsnr-device")
         return self._session.device
 
     @property

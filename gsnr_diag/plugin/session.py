@@ -11,6 +11,7 @@ Imported by every pytest run of the environment, so it imports nothing heavy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .thresholds import Threshold, parse_ini_thresholds
 
 __all__ = [
     "SESSION_KEY",
+    "WORKER_OUTPUT_KEY",
     "Check",
     "GsnrSession",
     "Measurement",
@@ -67,6 +69,7 @@ class Measurement:
     kind: str
     result: Any
     label: str | None = None
+    run: dict[str, Any] | None = None  # the finished run dict, for a measurement made in an xdist worker
 
 
 @dataclass
@@ -77,6 +80,7 @@ class TestRecord:
     measurements: list[Measurement] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     outcome: str | None = None
+    remote_headline: dict[str, float | None] | None = None  # computed by the xdist worker that ran the test
 
     __test__ = False  # not a test class, whatever pytest's collection thinks of the name
 
@@ -91,6 +95,8 @@ class TestRecord:
 
     def headline(self) -> dict[str, float | None]:
         """mean GSNR, OSGR and same-sign of the latest measurement; the latest control's ratio."""
+        if self.remote_headline is not None:
+            return dict(self.remote_headline)
         out: dict[str, float | None] = {"mean_gsnr": None, "osgr": None, "same_sign": None, "control_ratio": None}
         for m in reversed(self.measurements):
             point = last_point(m.result)
@@ -149,6 +155,8 @@ def last_point(result: Any) -> dict[str, Any] | None:
 
 
 SESSION_KEY = pytest.StashKey["GsnrSession"]()
+#: the key of an xdist worker's records in ``config.workeroutput`` (see :mod:`gsnr_diag.plugin.workers`)
+WORKER_OUTPUT_KEY = "gsnr_diag"
 
 
 class GsnrSession:
@@ -161,14 +169,22 @@ class GsnrSession:
         save = config.getoption("gsnr_save")
         self.report_path: Path | None = Path(report) if report else None
         self.save_dir: Path | None = Path(save) if save else None
+        if report and (report.endswith(("/", os.sep)) or Path(report).is_dir()):
+            self.report_path = Path(report) / "index.html"  # a folder: its index page
         if self.report_path is not None and self.report_path.suffix.lower() not in REPORT_SUFFIXES:
             raise pytest.UsageError(
-                f"--gsnr-report {report}: the file name must end in .html or .pdf (the suffix picks the format)"
+                f"--gsnr-report {report}: the file name must end in .html or .pdf (the suffix picks the format), "
+                "or name a folder (ending in /) to write its index.html"
             )
         self.ini_thresholds: dict[str, Threshold] = parse_ini_thresholds(config.getini)
         self.records: dict[str, TestRecord] = {}
         self.written: list[tuple[str, Path]] = []
         self.errors: list[str] = []
+
+    @property
+    def is_worker(self) -> bool:
+        """Whether this is a pytest-xdist worker (its records go to the controller, see :mod:`.workers`)."""
+        return hasattr(self.config, "workerinput")
 
     def record_for(self, nodeid: str) -> TestRecord:
         rec = self.records.get(nodeid)
