@@ -29,8 +29,8 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     if g.dtype == torch.float64:
         return ChunkMoments.from_samples(g, signs)
     g = g.to(torch.float32)
-    mean = g.mean(0)
-    m2 = (g - mean).square_().sum(0)
+    mean64 = g.sum(0, dtype=torch.float64).div_(g.shape[0])  # exact sum: identical samples give M2 = 0
+    m2 = (g - mean64.to(torch.float32)).square_().sum(0)
     pos = neg = None
     if signs and g.shape[0] < 2**24:
         # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
@@ -42,7 +42,7 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     elif signs:
         pos = (g > 0).sum(0, dtype=torch.float64)
         neg = (g < 0).sum(0, dtype=torch.float64)
-    return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
+    return ChunkMoments(int(g.shape[0]), mean64, m2.to(torch.float64), pos, neg)
 
 
 def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
