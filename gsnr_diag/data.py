@@ -146,7 +146,7 @@ def _raw_batches(data: Any, batch_size: int | None) -> Iterator[Batch]:
         isinstance(data, (tuple, list))
         and len(data) == 2
         and isinstance(data[1], torch.Tensor)
-        and not isinstance(data[0], (tuple, list))  # (X, Y) where X is a tensor or dict
+        and isinstance(data[0], (torch.Tensor, Mapping, tuple, list))  # X: a tensor, a dict or a tuple of tensors
         and all(isinstance(t, torch.Tensor) for t in tensor_leaves(data[0]))
         and tensor_leaves(data[0])
     ):

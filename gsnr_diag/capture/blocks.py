@@ -29,8 +29,8 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     if g.dtype == torch.float64:
         return ChunkMoments.from_samples(g, signs)
     g = g.to(torch.float32)
-    mean = g.mean(0)
-    m2 = (g - mean).square_().sum(0)
+    mean64 = g.sum(0, dtype=torch.float64).div_(g.shape[0])  # exact sum: identical samples give M2 = 0
+    m2 = (g - mean64.to(torch.float32)).square_().sum(0)
     pos = neg = None
     if signs and g.shape[0] < 2**24:
         # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
@@ -42,7 +42,7 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     elif signs:
         pos = (g > 0).sum(0, dtype=torch.float64)
         neg = (g < 0).sum(0, dtype=torch.float64)
-    return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
+    return ChunkMoments(int(g.shape[0]), mean64, m2.to(torch.float64), pos, neg)
 
 
 def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
@@ -50,25 +50,51 @@ def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
 
 
 _INT8_MM_OK: dict[str, bool] = {}
+_INT8_MIN_SIZE = 2**16  # below this many result entries float32 is as fast as the checked int8 product
+
+
+def _int8_mm_checked(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+    """xᵀy by ``torch._int_mm`` (int8 × int8 → int32), verified; ``None`` where it cannot be trusted.
+
+    ``torch._int_mm`` is a private kernel: on some CPU builds it returns uninitialized memory,
+    without an error, when the left operand has one row. It is used only for results of at least
+    2 × 2 entries that are large enough to gain from it, and every result is checked exactly
+    (Freivalds' test with a fixed integer vector r: (xᵀy)r = xᵀ(yr), in integers). A device
+    whose kernel fails the check or raises is not asked again.
+    """
+    dev = x.device.type
+    m, n = x.shape[1], y.shape[1]
+    if not _INT8_MM_OK.get(dev, True) or not hasattr(torch, "_int_mm") or min(m, n) < 2 or m * n < _INT8_MIN_SIZE:
+        return None
+    bound = 7 * x.shape[0] * y.shape[1]  # |(xᵀy)r| ≤ 7·k·n for r in {1..7}ⁿ and entries in {-1, 0, 1}
+    if bound >= 2**31:
+        return None
+    try:
+        xi, yi = x.to(torch.int8).t(), y.to(torch.int8)
+        r = torch._int_mm(xi, yi) if out is None else torch._int_mm(xi, yi, out=out)
+        v = torch.arange(y.shape[1], device=y.device, dtype=torch.int32).remainder_(7).add_(1)
+        got = torch.mv(r, v)
+    except (RuntimeError, NotImplementedError):
+        _INT8_MM_OK[dev] = False
+        return None
+    ft = torch.float32 if bound < 2**24 else torch.float64  # integers below 2²⁴ (2⁵³) are exact
+    if not torch.equal(got.to(ft), x.to(ft).t() @ (y.to(ft) @ v.to(ft))):
+        _INT8_MM_OK[dev] = False
+        return None
+    _INT8_MM_OK[dev] = True
+    return r
 
 
 def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """xᵀy for matrices with entries in {-1, 0, 1}, exactly, as an integer tensor.
+    """xᵀy for matrices with entries in {-1, 0, 1}, exactly, as an int32 tensor.
 
     int8 × int8 → int32 products (``torch._int_mm``, 4–5× faster than float32 on CPUs with
-    VNNI) where the device supports them; otherwise float32, exact for up to 2²⁴ samples
-    (every partial sum is an integer of magnitude ≤ the number of samples), float64 above.
+    VNNI) where they pass :func:`_int8_mm_checked`; otherwise float32, exact for up to 2²⁴
+    samples (every partial sum is an integer of magnitude ≤ the number of samples), float64 above.
     """
-    dev = x.device.type
-    if _INT8_MM_OK.get(dev, True) and hasattr(torch, "_int_mm") and x.shape[0] < 2**31:
-        try:
-            if out is not None:
-                return torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8), out=out)
-            r = torch._int_mm(x.to(torch.int8).t(), y.to(torch.int8))
-            _INT8_MM_OK[dev] = True
-            return r
-        except (RuntimeError, NotImplementedError):
-            _INT8_MM_OK[dev] = False
+    r = _int8_mm_checked(x, y, out)
+    if r is not None:
+        return r
     dt = torch.float32 if x.shape[0] < 2**24 else torch.float64
     r = (x.to(dt).t() @ y.to(dt)).to(torch.int32)
     return r if out is None else out.copy_(r)

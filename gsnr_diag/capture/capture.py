@@ -41,7 +41,7 @@ from ..errors import LossError, ModelError, NonFiniteGradientError
 from .blocks import sample_blocks
 from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop
 from .probe import LayoutProbe
-from .registry import DEFAULT_MAX_MEMORY_MB, RuleContext, find_grad_sampler, find_moment_rule
+from .registry import DEFAULT_MAX_MEMORY_MB, OUTPUT_BATCHED, RuleContext, find_grad_sampler, find_moment_rule
 
 PATH_RULE = "moment-rule"
 PATH_SAMPLER = "grad-sampler"
@@ -55,6 +55,7 @@ LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 class _Call:
     activations: list
     backprops: torch.Tensor | None = None
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class GradientCapture(LayoutProbe):
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> GradientCapture:
         for info in self._modules.values():
-            self._handles.append(info.module.register_forward_hook(self._make_hook(info)))
+            self._handles.append(info.module.register_forward_hook(self._make_hook(info), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,9 +144,9 @@ class GradientCapture(LayoutProbe):
             info.calls.clear()
 
     def _make_hook(self, info: _ModuleInfo):
-        def hook(module, args, output):
-            if self._probing:
-                a0 = args[0] if args else None
+        def hook(module, args, kwargs, output):
+            if self._probing:  # the rows that hold the samples: the input's, or the output's
+                a0 = output if type(module) in OUTPUT_BATCHED else (args[0] if args else None)
                 info.probe.append(a0.detach().clone() if isinstance(a0, torch.Tensor) else None)
                 return
             if not self._enabled:
@@ -155,7 +156,8 @@ class GradientCapture(LayoutProbe):
                 return
             if not output.requires_grad:
                 return
-            call = _Call([a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+            det = lambda a: a.detach() if isinstance(a, torch.Tensor) else a
+            call = _Call([det(a) for a in args], kwargs={k: det(v) for k, v in kwargs.items()})
             info.calls.append(call)
 
             def catch(grad, call=call):
@@ -236,7 +238,7 @@ class GradientCapture(LayoutProbe):
             plist = [self.params[k] for k in hooked]
             uses = parameter_uses(loss)
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
-            batch_grad = {k: g for k, g in zip(hooked, grads)}
+            batch_grad = {k: g.to_dense() if g is not None and g.is_sparse else g for k, g in zip(hooked, grads)}
             del loss
             result, moved = self._from_hooks(batch, batch_grad, uses)
             for info in self._modules.values():
@@ -269,13 +271,8 @@ class GradientCapture(LayoutProbe):
             calls = [c for c in info.calls if c.backprops is not None]
             problem = info.problem
             for c in calls:
-                a0 = c.activations[0] if c.activations else None
-                if (
-                    not isinstance(a0, torch.Tensor)
-                    or a0.ndim == 0
-                    or a0.shape[0] != batch
-                    or c.backprops.shape[0] != batch
-                ):
+                a0 = c.backprops if type(info.module) in OUTPUT_BATCHED else (c.activations or [None])[0]
+                if not isinstance(a0, torch.Tensor) or a0.shape[:1] != (batch,) or c.backprops.shape[:1] != (batch,):
                     problem = "its input or output does not have the samples in dimension 0"
             if problem:
                 moved.update(names)
@@ -287,9 +284,9 @@ class GradientCapture(LayoutProbe):
             done = False
             if len(calls) == 1 and not shared and rule is not None:
                 grads = _Grads({self.params[k]: batch_grad[k] for k in names if batch_grad.get(k) is not None})
-                ctx = RuleContext(
-                    calls[0].activations, calls[0].backprops * batch, self.signs, self.budget, grads, self._scratch
-                )
+                c0 = calls[0]
+                ctx = RuleContext(c0.activations, c0.backprops * batch, self.signs, self.budget, grads, self._scratch)
+                ctx.kwargs = c0.kwargs
                 out = rule(module, ctx)
                 if out is not None:
                     for p, c in out.items():

@@ -51,6 +51,7 @@ def per_sample_loop(
         xi = tree_map(lambda t: t[i : i + 1], x)
         loss = forward_loss(xi, y[i : i + 1])
         gs = torch.autograd.grad(loss, params, allow_unused=True)
+        gs = [g.to_dense() if g is not None and g.is_sparse else g for g in gs]  # Embedding(sparse=True)
         rows.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)])
     return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
 

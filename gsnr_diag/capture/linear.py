@@ -1,4 +1,4 @@
-"""nn.Linear: Σg² = (δ²)ᵀ(a²) and exact sign counts for rank-one per-sample gradients (eq. 1, 2)."""
+"""nn.Linear: centred moments and exact sign counts of rank-one per-sample gradients (eq. 1, 2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, 
 from .registry import RuleContext, register_moment_rule
 
 
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """x̄ over samples, as x_0 + Σ(x_i − x_0)/B summed in float64: exactly x_0 when every sample equals it."""
+    x0 = x[0]
+    return (x - x0).sum(0, dtype=torch.float64).div_(x.shape[0]).add_(x0).to(x.dtype)
+
+
 def _linear_weight_moments(
     W: torch.Tensor,
     a: torch.Tensor,
@@ -19,23 +25,48 @@ def _linear_weight_moments(
     grad: torch.Tensor | None,
     scratch: dict | None,
 ) -> ChunkMoments:
-    """Σg² = (δ²)ᵀ(a²) and sign counts of g_i = δ_i a_iᵀ over samples; the mean from ``grad`` when given."""
+    """Moments of the rank-one per-sample gradients g_i = δ_i a_iᵀ (eq. 1), centred, without forming them.
+
+    Σg² − B·ḡ² cancels catastrophically when ρ² ≪ ḡ² (float32 at GSNR 10⁵ loses every digit), so the
+    moments are formed around K = δ̄āᵀ, with u_i = δ_i − δ̄ and v_i = a_i − ā (the means shifted by sample 0
+    and summed in float64, so identical samples give u = v = 0, M2 = 0 and ḡ = K exactly):
+    h_i = g_i − K = δ_i v_iᵀ + u_i āᵀ,
+
+        Σh² = (δ²)ᵀ(v²) + 2·ā ∘ ((δ∘u)ᵀv) + (Σu²)(ā²)ᵀ,   Σh = B(ḡ − K),   M2 = Σh² − (Σh)²/B,
+
+    where every term is of the size of the spread, not of ḡ, so ρ² keeps the compute dtype's
+    resolution at any GSNR. ḡ is the batch gradient ``grad`` when given (its rounding, ~ε·|ḡ|,
+    changes M2 by at most ~2ε relative: (ḡ − K) is a covariance, small where ḡ/ρ is large), else
+    K + (δᵀv + (Σu)āᵀ)/B. Two matrix products per block of samples (three without ``grad``); the
+    sign counts are two exact integer products of sign matrices (sign(δa) = sign(δ)·sign(a)).
+    """
     B = int(a.shape[0])
-    shape = (d.shape[1], a.shape[1])
-    isz = a.element_size()
-    total = None
-    total_sq = _buffer(scratch, W, "sq", shape, a.dtype)
+    dt = a.dtype
+    n_out, n_in = d.shape[1], a.shape[1]
+    shape = (n_out, n_in)
+    dbar, abar = _centre(d), _centre(a)
+    dbar64, abar64 = dbar.to(torch.float64), abar.to(torch.float64)  # K exactly as the centring uses it
+    rows = 2 * n_out if grad is None else n_out
+    sq = _buffer(scratch, W, "sq", shape, dt)
+    cross = _buffer(scratch, W, "cross", (rows, n_in), dt)  # (δ∘u)ᵀv [; δᵀv]
+    su = torch.zeros(n_out, dtype=torch.float64, device=d.device)
+    su2 = torch.zeros(n_out, dtype=torch.float64, device=d.device)
     s_cnt = n_cnt = None
-    blocks = list(sample_blocks(B, (a.shape[1] + d.shape[1]) * (2 * isz + 2), budget))
+    blocks = list(sample_blocks(B, (n_in + 3 * n_out) * (3 * a.element_size() + 2), budget))
     for j, (s, e) in enumerate(blocks):
         ab, db = a[s:e], d[s:e]
+        v = ab - abar
+        u = db - dbar
+        left = db * u if grad is not None else torch.cat([db * u, db], 1)
         if j == 0:
-            torch.mm(db.square().t(), ab.square(), out=total_sq)
+            torch.mm(db.square().t(), v.square(), out=sq)
+            torch.mm(left.t(), v, out=cross)
         else:
-            total_sq.addmm_(db.square().t(), ab.square())
-        if grad is None:
-            t = db.t() @ ab
-            total = t if total is None else total.add_(t)
+            sq.addmm_(db.square().t(), v.square())
+            cross.addmm_(left.t(), v)
+        su.add_(u.sum(0, dtype=torch.float64))
+        su2.add_(u.square().sum(0, dtype=torch.float64))
+        del left, u, v
         if signs:
             sd, sa = torch.sign(db), torch.sign(ab)
             if j == 0:
@@ -44,13 +75,22 @@ def _linear_weight_moments(
             else:
                 s_cnt.add_(_count_mm(sd, sa))
                 n_cnt.add_(_count_mm(sd.abs_(), sa.abs_()))
-    mean = _buffer(scratch, W, "mean", shape, torch.float64)
+    # Σh = B(ḡ − K) (float64)
+    sum_h = _buffer(scratch, W, "mean", shape, torch.float64)
     if grad is not None:
-        mean.copy_(grad)
+        sum_h.copy_(grad).sub_(torch.outer(dbar64, abar64)).mul_(B)
     else:
-        mean.copy_(total).div_(B)
-    m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(total_sq)
-    m2.addcmul_(mean, mean, value=-float(B)).clamp_(min=0.0)
+        sum_h.copy_(cross[n_out:]).addr_(su, abar64)
+    m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(cross[:n_out]).mul_(abar64).mul_(2.0)
+    m2.add_(sq).addr_(su2, abar64.square())
+    m2.addcmul_(sum_h, sum_h, value=-1.0 / B).clamp_(min=0.0)
+    if grad is None:
+        mean = sum_h.div_(B).addr_(dbar64, abar64)
+    else:  # where every h_i is exactly 0 (identical samples), ḡ = K exactly, the same in every chunk
+        mean = sum_h.copy_(grad)
+        same = (sq == 0).logical_and_((su2 == 0).unsqueeze(1))
+        if bool(same.any()):
+            mean.copy_(torch.where(same, torch.outer(dbar64, abar64), mean))
     pos = neg = None
     if signs:
         pos = torch.add(n_cnt, s_cnt, out=_buffer(scratch, W, "pos", shape, torch.int32)).bitwise_right_shift_(1)
@@ -71,10 +111,11 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
     """nn.Linear: per-sample g_i = δ_i a_iᵀ (eq. 1) without forming it.
 
     2-D input [B, in] (or extra dimensions of size 1): per-sample g_i = δ_i a_iᵀ is rank one,
-    so Σg² = (δ²)ᵀ(a²) and the sign counts come from two integer products of sign matrices
-    (:func:`sign_counts_outer`); the mean Σg/B = δᵀa/B is the batch gradient (``grads``) when given.
-    Products run in the parameter's dtype (float32 for a float32 model: relative error
-    ~1e-7·(1 + GSNR) in ρ²; float64 for a float64 model) and are stored in float64.
+    so the moments come from two matrix products of centred δ and a (:func:`_linear_weight_moments`,
+    no Σg² − nḡ² cancellation: ρ² to the compute dtype's resolution at any GSNR) and the sign
+    counts from two exact integer products of sign matrices (:func:`sign_counts_outer`).
+    Products run in the parameter's dtype (float32 for a float32 model, float64 for a float64
+    model) and are stored in float64.
 
     Input with extra dimensions [B, T..., in] (sequences): g_i = Σ_t δ_it a_itᵀ is not rank
     one; per-sample gradients are formed block by block over samples (batched products,

@@ -37,7 +37,7 @@ class RuleContext:
     ``[B, ...]``; ``signs``: whether to count signs; ``budget``: bytes one materialized block may hold;
     ``grads``: parameter → batch gradient ∂L/∂θ = Σ_i g_i / B (autograd computed it already; a rule may
     take the mean from it); ``scratch``: a dict kept across chunks for work buffers (the ChunkMoments a
-    rule returns may live in them, valid until the next chunk).
+    rule returns may live in them, valid until the next chunk); ``kwargs``: the keyword inputs of the call.
     """
 
     activations: list
@@ -46,6 +46,7 @@ class RuleContext:
     budget: float = DEFAULT_BUDGET
     grads: Mapping | None = None
     scratch: dict | None = field(default=None)
+    kwargs: dict = field(default_factory=dict)
 
 
 MomentRule = Callable[[nn.Module, RuleContext], "dict | None"]
@@ -53,6 +54,9 @@ GradSampler = Callable[[nn.Module, list, torch.Tensor], dict]
 
 MOMENT_RULES: dict[type, MomentRule] = {}
 GRAD_SAMPLERS: dict[type, GradSampler] = {}
+#: Layer types whose samples are the rows of their *output* (their input need not be ``[B, ...]``, e.g.
+#: EmbeddingBag's flat indices with offsets) and that have no grad sampler (Opacus' would ignore keyword inputs).
+OUTPUT_BATCHED: set[type] = set()
 
 
 def register_moment_rule(*classes: type) -> Callable[[MomentRule], MomentRule]:
@@ -80,6 +84,8 @@ def register_grad_sampler(*classes: type) -> Callable[[GradSampler], GradSampler
 def find_grad_sampler(layer: nn.Module) -> GradSampler | None:
     """Our sampler for ``type(layer)``, else Opacus', else ``None``."""
     cls = type(layer)
+    if cls in OUTPUT_BATCHED:
+        return None
     if cls in GRAD_SAMPLERS:
         return GRAD_SAMPLERS[cls]
     from opacus.grad_sample import GradSampleModule

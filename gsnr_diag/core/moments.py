@@ -34,7 +34,7 @@ class ChunkMoments:
     def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> ChunkMoments:
         """Two-pass moments of per-sample gradients ``grad_sample`` of shape ``[B, *param.shape]``."""
         g = grad_sample.detach().to(torch.float64)
-        mean = g.mean(0)
+        mean = (g - g[0]).mean(0).add_(g[0])  # shifted by sample 0: identical samples give M2 = 0 exactly
         m2 = (g - mean).square_().sum(0)
         pos = neg = None
         if signs:
