@@ -8,6 +8,8 @@ import torch
 from ..data import Inputs, call_model, tensor_leaves, tree_map
 from ..errors import ModelError
 from .fallback import describe
+from .losses import check_batch_mean
+from .state import ModelState
 
 
 class LayoutProbe:
@@ -39,11 +41,20 @@ class LayoutProbe:
             t[0] = t[other]
             return t
 
-        seen = [self._probe_forward(first), self._probe_forward(tree_map(swap, first))]
+        # A forward may update its own state (spectral norm's power iteration in train mode, counters): both
+        # passes start from the same state, so only the swapped sample can change the outputs.
+        state = ModelState(self.model)
+        seen = [self._probe_forward(first)]
+        state.restore()
+        seen.append(self._probe_forward(tree_map(swap, first)))
+        state.restore()
+        del state
         if seen[0] is None or seen[1] is None:
             return  # the forward fails: the measurement itself reports it
         (seen[0], out_a), (seen[1], out_b) = seen
         _check_output_mixing(out_a, out_b, n)
+        check = getattr(self.loss_fn, "check_batch", None)  # a LossPlan checks its own decomposition
+        check(out_a, y[:n]) if check is not None else check_batch_mean(self.loss_fn, out_a, y[:n])
         for name, info in self._modules.items():
             a_list, b_list = seen[0].get(name, []), seen[1].get(name, [])
             if len(a_list) != len(b_list):
