@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from .capture import GradientCapture
+from .capture.losses import LossPlan
+from .capture.state import ModelState
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .data import iter_batches
@@ -122,19 +124,29 @@ def gradient_stats(
     if target != home:
         work = copy.deepcopy(model).to(target)
 
+    # Every parameter and buffer as it is now: a forward may change them (Embedding max_norm, spectral norm,
+    # running statistics, counters); they are put back after every chunk, so each chunk sees the same model.
+    state = ModelState(work)
     with preserved_state(model):
-        work.train(mode == "train")
-        if mode == "train":
-            _check_train_mode(work)
-        moments = Moments(signs=signs)
-        with (
-            torch.enable_grad(),
-            GradientCapture(
-                work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
-            ) as capture,
-        ):
-            for x, y in iter_batches(data, batch_size, target):
-                capture.measure_chunk(x, y, moments)
+        try:
+            work.train(mode == "train")
+            if mode == "train":
+                _check_train_mode(work)
+            moments = Moments(signs=signs)
+            plan = LossPlan(loss_fn)  # per-sample losses of weighted, ignore_index and sum losses
+            with (
+                torch.enable_grad(),
+                GradientCapture(
+                    work, plan, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
+                ) as capture,
+            ):
+                for x, y in iter_batches(data, batch_size, target):
+                    x, y = plan.select(x, y)
+                    if y.shape[0]:
+                        capture.measure_chunk(x, y, moments)
+                        state.restore()
+        finally:
+            state.restore(compare=True)
         if distributed:
             all_reduce_moments(moments, group=process_group)
         n = moments.n
@@ -142,7 +154,9 @@ def gradient_stats(
             raise DataError(
                 f"data: {n} usable sample(s); the per-sample variance ρ² needs at least 2"
                 + (f" ({capture.skipped} skipped for non-finite gradients)" if capture.skipped else "")
+                + (f" ({plan.excluded} excluded: every target ignored)" if plan.excluded else "")
             )
+        plan.finish(moments, skipped=capture.skipped, distributed=distributed, group=process_group)
         weights = {k: p.detach() for k, p in capture.params.items()}
         return stats_from_moments(
             moments,

@@ -58,8 +58,12 @@ def per_sample_gradients(model, x, y, loss_fn, mode="eval"):
 
 
 def reference_stats(model, x, y, loss_fn, mode="eval"):
-    G = per_sample_gradients(model, x, y, loss_fn, mode)
-    n = int(y.shape[0])
+    return stats_of_gradients(per_sample_gradients(model, x, y, loss_fn, mode), model)
+
+
+def stats_of_gradients(G, model):
+    """Every statistic from per-sample gradients {name: [n, *shape]} (numpy float64)."""
+    n = int(next(iter(G.values())).shape[0])
     out = {"mean": {}, "var": {}, "gsnr": {}, "same_sign": {}}
     weights = {k: p.detach().double().numpy() for k, p in model.named_parameters() if p.requires_grad}
     for k, g in G.items():

@@ -9,48 +9,11 @@ import pytest
 import torch
 from models import cases
 from torch import nn
+from untouched import assert_same_state, model_state
 
 from gsnr_diag import gradient_stats
 
 CASES = cases()
-
-
-def _state(model):
-    return {
-        "params": {k: p.detach().clone() for k, p in model.named_parameters()},
-        "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "buffers": {k: b.clone() for k, b in model.named_buffers()},
-        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
-        "modes": {k: m.training for k, m in model.named_modules()},
-        "hooks": {
-            k: (
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})),
-            )
-            for k, m in model.named_modules()
-        },
-        "attrs": {k: sorted(vars(m)) for k, m in model.named_modules()},
-        "param_attrs": {k: sorted(vars(p)) for k, p in model.named_parameters()},
-    }
-
-
-def _assert_same(before, after):
-    for k in before["params"]:
-        assert torch.equal(before["params"][k], after["params"][k]), k
-    assert before["requires_grad"] == after["requires_grad"]
-    for k in before["buffers"]:
-        assert torch.equal(before["buffers"][k], after["buffers"][k]), k
-    for k, g in before["grads"].items():
-        h = after["grads"][k]
-        assert (g is None) == (h is None), k
-        if g is not None:
-            assert torch.equal(g, h), k
-    assert before["modes"] == after["modes"]
-    assert before["hooks"] == after["hooks"]
-    assert before["attrs"] == after["attrs"]
-    assert before["param_attrs"] == after["param_attrs"]
 
 
 @pytest.mark.parametrize("name", ["mlp", "batchnorm_cnn", "bare_parameter", "tied_weights", "self_attention"])
@@ -62,10 +25,10 @@ def test_model_state_restored(name):
     model.get_submodule(next(k for k, _ in model.named_modules() if k)).eval()  # mixed modes
     first = next(p for p in model.parameters() if p.requires_grad)
     first.grad = torch.ones_like(first)  # a stale .grad the user has
-    before = _state(model)
+    before = model_state(model)
     torch_rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
     gradient_stats(model, (X, Y), batch_size=10)
-    _assert_same(before, _state(model))
+    assert_same_state(before, model_state(model))
     assert torch.equal(torch_rng, torch.get_rng_state())
     assert py_rng == random.getstate()
     assert all(

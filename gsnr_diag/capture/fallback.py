@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data import Inputs, model_arguments, tree_map
+from .state import kept_slots
 
 
 def per_sample_functorch(
@@ -31,7 +32,7 @@ def per_sample_functorch(
         out = functional_call(model, ({**fixed, **free_params}, buffers), args, kwargs)
         return loss_fn(out, yi.unsqueeze(0)).reshape(())
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), kept_slots(model):  # functional_call can leave wrappers in a twice-named module
         # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
         # attention) and says so once per op; the result is exact, so keep the user's log clean.
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
