@@ -90,8 +90,14 @@ class GradientCapture(LayoutProbe, BroadcastParams):
         self._bare: dict[str, str] = {}  # parameter of a module without a rule → that module (bare.py)
         self.paths: dict[str, str] = {}
         self.fallback_reasons: dict[str, str] = {}  # module → why it is not on the hook path
+        claimed: set[str] = set()  # submodules whose parameters a parent layer's rule measures (out_proj)
         for mname, module in model.named_modules(remove_duplicate=False):
-            direct = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if mname in claimed:
+                continue
+            whole = getattr(find_moment_rule(module), "owns_children", False)
+            if whole:
+                claimed.update(f"{mname}.{c}" if mname else c for c, _ in module.named_modules() if c)
+            direct = [p for _, p in module.named_parameters(recurse=whole) if p.requires_grad]
             if not direct:
                 continue
             for p in direct:
@@ -108,7 +114,13 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                 self._fallback.update(names)
                 continue
             rule = find_moment_rule(module)
-            self._modules[mname] = _ModuleInfo(mname, module, names, first_output=getattr(rule, "first_output", False))
+            self._modules[mname] = _ModuleInfo(
+                mname,
+                module,
+                names,
+                first_output=getattr(rule, "first_output", False),
+                to_batch_first=getattr(rule, "to_batch_first", None),
+            )
         self._fallback_method = PATH_FUNCTORCH
         self._handles: list = []
         self._enabled = False

@@ -8,6 +8,7 @@ output broadcast over the batch downstream: its output is watched by the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +35,12 @@ class _ModuleInfo:
     probe: list = field(default_factory=list)  # first inputs seen during the layout probe
     first_output: bool = False  # the module returns a tuple whose first element is measured (attention)
     broadcast: bool = False  # the layout probe saw it run on a batch of one (its output is broadcast)
+    to_batch_first: Callable | None = None  # (module, args) → (args as [B, ...], backprop transform or None)
 
 
-def _detach(a):
-    return a.detach() if isinstance(a, torch.Tensor) else a
+def _detach_all(args, seen: dict) -> list:
+    """Detached inputs; the same tensor passed twice (self-attention) stays one tensor."""
+    return [seen.setdefault(id(a), a.detach()) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _batch_of_one(t) -> bool:
@@ -55,6 +58,9 @@ def make_hook(cap, info: _ModuleInfo):
         out = output
         if info.first_output and isinstance(output, (tuple, list)) and output:
             out = output[0]
+        post = None
+        if info.to_batch_first is not None:
+            args, post = info.to_batch_first(module, args)
         if cap._probing:
             a0 = args[0] if args else None
             info.probe.append(a0.detach().clone() if isinstance(a0, torch.Tensor) else None)
@@ -69,7 +75,8 @@ def make_hook(cap, info: _ModuleInfo):
             return
         if not out.requires_grad:
             return
-        call = _Call([_detach(a) for a in args], kwargs={k: _detach(v) for k, v in kwargs.items()})
+        seen: dict = {}
+        call = _Call(_detach_all(args, seen), kwargs=dict(zip(kwargs, _detach_all(kwargs.values(), seen))))
         info.calls.append(call)
         batch = cap._batch
         if batch > 1 and _batch_of_one(out) and args and _batch_of_one(args[0]):
@@ -82,7 +89,7 @@ def make_hook(cap, info: _ModuleInfo):
             return
 
         def catch(grad, call=call):
-            call.backprops = grad.detach()
+            call.backprops = grad.detach() if post is None else post(grad.detach())
 
         out.register_hook(catch)
 
