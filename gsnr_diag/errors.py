@@ -38,3 +38,7 @@ class ThresholdError(GsnrDiagError, AssertionError):
 
 class MonitorError(GsnrDiagError, ValueError):
     """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
+
+
+class SlowPathWarning(UserWarning):
+    """Per-sample gradients fall back to a batch-of-one loop (exact, but one forward and backward per sample)."""

@@ -27,6 +27,7 @@ worth reusing) behind our own hooks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +36,13 @@ from torch import nn
 
 from ..core.moments import ChunkMoments, Moments
 from ..data import Inputs, call_model, tree_map
-from ..errors import LossError, ModelError, NonFiniteGradientError
+from ..errors import LossError, ModelError, NonFiniteGradientError, SlowPathWarning
 from .bare import BroadcastParams
 from .blocks import sample_blocks
 from .check import inconsistent
-from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop
+from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop, vmap_failure
 from .hooks import _ModuleInfo, make_hook, resolve_broadcast_calls
+from .plan import PassPlan
 from .probe import LayoutProbe
 from .registry import DEFAULT_MAX_MEMORY_MB, RuleContext, find_grad_sampler, find_moment_rule
 from .tied import accumulate, densify
@@ -122,6 +124,7 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                 to_batch_first=getattr(rule, "to_batch_first", None),
             )
         self._fallback_method = PATH_FUNCTORCH
+        self._plan = PassPlan()
         self._handles: list = []
         self._enabled = False
         self._probing = False
@@ -203,7 +206,12 @@ class GradientCapture(LayoutProbe, BroadcastParams):
         return loss.reshape(())
 
     def _try_chunk(self, x: Inputs, y: torch.Tensor, batch: int) -> dict[str, ChunkMoments] | None:
-        hooked = self._hooked_names()
+        fallback = [k for k in self.params if k in self._fallback]
+        # The whole-model vmap must run: measure every parameter in it (plan.py) unless the split is faster.
+        timed = 0 < len(fallback) < len(self.params) and self._fallback_method == PATH_FUNCTORCH
+        one = timed and self._plan.one_pass()
+        started = self._plan.start()
+        hooked = [] if one else self._hooked_names()
         result: dict[str, ChunkMoments] = {}
         if hooked:
             for info in self._modules.values():
@@ -232,7 +240,8 @@ class GradientCapture(LayoutProbe, BroadcastParams):
             if moved:
                 self._fallback.update(moved)
                 return None
-        fallback = [k for k in self.params if k in self._fallback]
+        if one:
+            fallback = list(self.params)
         if fallback:
             # Per-sample gradients of the fallback parameters, block by block over the samples.
             per_sample_bytes = 3 * 8 * sum(self.params[k].numel() for k in fallback)
@@ -243,6 +252,8 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                     c = ChunkMoments.from_samples(g, self.signs)
                     acc[k] = acc[k].combine(c) if k in acc else c
             result.update(acc)
+        if timed and self._fallback_method == PATH_FUNCTORCH:
+            self._plan.record(one, started, batch)
         return result
 
     def _from_hooks(self, batch: int, batch_grad: dict, uses: dict[int, int], result: dict, moved: set[str]):
@@ -367,8 +378,14 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                 return out
             except (LossError, ModelError):
                 raise
-            except Exception:
+            except Exception as exc:
                 self._fallback_method = PATH_LOOP
+                warnings.warn(
+                    f"gsnr-diag: torch.func.vmap cannot run this model: {vmap_failure(exc)} stopped it; the "
+                    "per-sample gradients it would give come from a batch-of-one loop instead (exact, slow)",
+                    SlowPathWarning,
+                    stacklevel=2,
+                )
         out = self._per_sample_loop(x, y, names)
         self._record_fallback_paths(names, PATH_LOOP)
         return out
