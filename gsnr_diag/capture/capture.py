@@ -38,7 +38,7 @@ from ..core.moments import ChunkMoments, Moments
 from ..data import Inputs, call_model, tree_map
 from ..errors import LossError, ModelError, NonFiniteGradientError, SlowPathWarning
 from .bare import BroadcastParams
-from .blocks import sample_blocks
+from .blocks import sample_blocks, samples_moments
 from .check import inconsistent
 from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop, vmap_failure
 from .hooks import _ModuleInfo, make_hook, resolve_broadcast_calls
@@ -249,7 +249,7 @@ class GradientCapture(LayoutProbe, BroadcastParams):
             for s, e in sample_blocks(batch, per_sample_bytes, self.budget):
                 xs, ys = (x, y) if e - s == batch else (tree_map(lambda t: t[s:e], x), y[s:e])
                 for k, g in self._per_sample_fallback(xs, ys, fallback).items():
-                    c = ChunkMoments.from_samples(g, self.signs)
+                    c = samples_moments(g, self.signs)
                     acc[k] = acc[k].combine(c) if k in acc else c
             result.update(acc)
         if timed and self._fallback_method == PATH_FUNCTORCH:
@@ -358,13 +358,16 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                         ]
                     )
                     bp = c.backprops if whole else c.backprops[s:e]
-                    for p, gs in sampler(module, acts, bp * batch).items():
+                    bp = bp * batch
+                    inputs = [t for t in [*acts, bp] if isinstance(t, torch.Tensor)]
+                    borrowed = {t.untyped_storage().data_ptr() for t in inputs}
+                    for p, gs in sampler(module, acts, bp).items():
                         k = self._name_of.get(id(p))
                         if k is None or k in self._fallback:
                             continue
-                        accumulate(block, k, gs)
+                        accumulate(block, k, gs, borrowed)
             for k, g in block.items():
-                cm = ChunkMoments.from_samples(densify(g), self.signs)
+                cm = samples_moments(densify(g), self.signs)
                 acc[k] = acc[k].combine(cm) if k in acc else cm
             del block
         return acc

@@ -38,15 +38,24 @@ class SparseRows:
         return dense
 
 
-def accumulate(block: dict, key: str, gs) -> None:
-    """``block[key] += gs`` for dense tensors and :class:`SparseRows` alike."""
+def accumulate(block: dict, key: str, gs, borrowed: set[int] = frozenset()) -> None:
+    """``block[key] += gs`` for dense tensors and :class:`SparseRows` alike.
+
+    ``borrowed``: storage addresses of tensors a sampler may return as they are (its inputs); a
+    dense entry in another storage is the sampler's own and is added into in place.
+    """
     cur = block.get(key)
     if cur is None:
         block[key] = gs
-    elif isinstance(gs, SparseRows):
-        block[key] = gs.add_into(cur.dense() if isinstance(cur, SparseRows) else cur.clone())
-    elif isinstance(cur, SparseRows):
-        block[key] = cur.add_into(gs.clone())
+        return
+    if isinstance(cur, SparseRows) and not isinstance(gs, SparseRows):
+        cur, gs = gs, cur
+    if isinstance(gs, SparseRows):
+        if isinstance(cur, SparseRows):
+            cur = cur.dense()
+        elif cur._base is not None or cur.untyped_storage().data_ptr() in borrowed:
+            cur = cur.clone()
+        block[key] = gs.add_into(cur)
     else:
         block[key] = cur + gs
 
