@@ -42,3 +42,7 @@ class MonitorError(GsnrDiagError, ValueError):
 
 class ArgumentError(GsnrDiagError, ValueError):
     """A setting argument is invalid: ``device``, ``epsilon``, ``max_memory_mb``, ``distributed``, ``optimizer``, ..."""
+
+
+class SlowPathWarning(UserWarning):
+    """Per-sample gradients fall back to a batch-of-one loop (exact, but one forward and backward per sample)."""

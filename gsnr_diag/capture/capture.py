@@ -27,9 +27,8 @@ worth reusing) behind our own hooks.
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,11 +36,16 @@ from torch import nn
 
 from ..core.moments import ChunkMoments, Moments
 from ..data import Inputs, call_model, tree_map
-from ..errors import LossError, ModelError, NonFiniteGradientError
-from .blocks import sample_blocks
-from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop
+from ..errors import LossError, ModelError, NonFiniteGradientError, SlowPathWarning
+from .bare import BroadcastParams
+from .blocks import sample_blocks, samples_moments
+from .check import inconsistent
+from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop, vmap_failure
+from .hooks import _ModuleInfo, make_hook, resolve_broadcast_calls
+from .plan import PassPlan
 from .probe import LayoutProbe
 from .registry import DEFAULT_MAX_MEMORY_MB, OUTPUT_BATCHED, RuleContext, find_grad_sampler, find_moment_rule
+from .tied import accumulate, densify
 
 PATH_RULE = "moment-rule"
 PATH_SAMPLER = "grad-sampler"
@@ -51,24 +55,7 @@ PATH_LOOP = "loop"
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class _Call:
-    activations: list
-    backprops: torch.Tensor | None = None
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class _ModuleInfo:
-    name: str
-    module: nn.Module
-    params: list[str]  # trainable parameter names owned directly by this module
-    calls: list[_Call] = field(default_factory=list)
-    problem: str | None = None
-    probe: list = field(default_factory=list)  # first inputs seen during the layout probe
-
-
-class GradientCapture(LayoutProbe):
+class GradientCapture(LayoutProbe, BroadcastParams):
     """Installs hooks on ``model`` for the duration of a ``with`` block and measures chunks.
 
     ``measure_chunk(x, y, moments)`` adds one chunk's per-parameter moments to ``moments``.
@@ -102,9 +89,17 @@ class GradientCapture(LayoutProbe):
         self._owners: dict[int, list[str]] = {}
         self._modules: dict[str, _ModuleInfo] = {}
         self._fallback: set[str] = set()
+        self._bare: dict[str, str] = {}  # parameter of a module without a rule → that module (bare.py)
         self.paths: dict[str, str] = {}
+        self.fallback_reasons: dict[str, str] = {}  # module → why it is not on the hook path
+        claimed: set[str] = set()  # submodules whose parameters a parent layer's rule measures (out_proj)
         for mname, module in model.named_modules(remove_duplicate=False):
-            direct = [p for _, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if mname in claimed:
+                continue
+            whole = getattr(find_moment_rule(module), "owns_children", False)
+            if whole:
+                claimed.update(f"{mname}.{c}" if mname else c for c, _ in module.named_modules() if c)
+            direct = [p for _, p in module.named_parameters(recurse=whole) if p.requires_grad]
             if not direct:
                 continue
             for p in direct:
@@ -115,23 +110,32 @@ class GradientCapture(LayoutProbe):
             if mname in self._modules:  # the same module reachable under two names
                 continue
             if find_moment_rule(module) is None and find_grad_sampler(module) is None:
-                self._fallback.update(names)
+                self._bare.update({k: mname for k in names if k not in self._bare})
                 continue
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 self._fallback.update(names)
                 continue
-            self._modules[mname] = _ModuleInfo(mname, module, names)
+            rule = find_moment_rule(module)
+            self._modules[mname] = _ModuleInfo(
+                mname,
+                module,
+                names,
+                first_output=getattr(rule, "first_output", False),
+                to_batch_first=getattr(rule, "to_batch_first", None),
+            )
         self._fallback_method = PATH_FUNCTORCH
+        self._plan = PassPlan()
         self._handles: list = []
         self._enabled = False
         self._probing = False
-        self._probed = False
+        self._probed = self._bprobed = False
+        self._batch, self._tracker, self._bare_sources, self._probe_sources = 0, None, {}, {}
         self._scratch: dict = {}  # work buffers the rules keep across chunks (freed on exit)
 
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> GradientCapture:
         for info in self._modules.values():
-            self._handles.append(info.module.register_forward_hook(self._make_hook(info), with_kwargs=True))
+            self._handles.append(info.module.register_forward_hook(make_hook(self, info), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -143,30 +147,6 @@ class GradientCapture(LayoutProbe):
         for info in self._modules.values():
             info.calls.clear()
 
-    def _make_hook(self, info: _ModuleInfo):
-        def hook(module, args, kwargs, output):
-            if self._probing:  # the rows that hold the samples: the input's, or the output's
-                a0 = output if type(module) in OUTPUT_BATCHED else (args[0] if args else None)
-                info.probe.append(a0.detach().clone() if isinstance(a0, torch.Tensor) else None)
-                return
-            if not self._enabled:
-                return
-            if not isinstance(output, torch.Tensor):
-                info.problem = f"returns a {type(output).__name__}, not a tensor"
-                return
-            if not output.requires_grad:
-                return
-            det = lambda a: a.detach() if isinstance(a, torch.Tensor) else a
-            call = _Call([det(a) for a in args], kwargs={k: det(v) for k, v in kwargs.items()})
-            info.calls.append(call)
-
-            def catch(grad, call=call):
-                call.backprops = grad.detach()
-
-            output.register_hook(catch)
-
-        return hook
-
     # --- one chunk -----------------------------------------------------------------------
     def _hooked_names(self) -> list[str]:
         return [k for k in self.params if k not in self._fallback]
@@ -176,6 +156,8 @@ class GradientCapture(LayoutProbe):
         batch = int(y.shape[0])
         if not self._probed:
             self._probe_layout(x, y)
+        if not self._bprobed:
+            self._probe_broadcast(x, y)
         for _attempt in range(3):
             result = self._try_chunk(x, y, batch)
             if result is not None:
@@ -224,29 +206,42 @@ class GradientCapture(LayoutProbe):
         return loss.reshape(())
 
     def _try_chunk(self, x: Inputs, y: torch.Tensor, batch: int) -> dict[str, ChunkMoments] | None:
-        hooked = self._hooked_names()
+        fallback = [k for k in self.params if k in self._fallback]
+        # The whole-model vmap must run: measure every parameter in it (plan.py) unless the split is faster.
+        timed = 0 < len(fallback) < len(self.params) and self._fallback_method == PATH_FUNCTORCH
+        one = timed and self._plan.one_pass()
+        started = self._plan.start()
+        hooked = [] if one else self._hooked_names()
         result: dict[str, ChunkMoments] = {}
         if hooked:
             for info in self._modules.values():
                 info.calls.clear()
                 info.problem = None
-            self._enabled = True
+            self._enabled, self._batch = True, batch
+            self._tracker = tracker = self._start_tracker(batch)
             try:
-                loss = self._forward_loss(x, y)
+                if tracker is None:
+                    loss = self._forward_loss(x, y)
+                else:
+                    with tracker:
+                        loss = self._forward_loss(x, y)
             finally:
-                self._enabled = False
+                self._enabled, self._tracker = False, None
             plist = [self.params[k] for k in hooked]
             uses = parameter_uses(loss)
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
             batch_grad = {k: g.to_dense() if g is not None and g.is_sparse else g for k, g in zip(hooked, grads)}
             del loss
-            result, moved = self._from_hooks(batch, batch_grad, uses)
+            resolve_broadcast_calls(self._modules.values())
+            result, moved = self._bare_moments(batch)
+            result, moved = self._from_hooks(batch, batch_grad, uses, result, moved)
             for info in self._modules.values():
                 info.calls.clear()
             if moved:
                 self._fallback.update(moved)
                 return None
-        fallback = [k for k in self.params if k in self._fallback]
+        if one:
+            fallback = list(self.params)
         if fallback:
             # Per-sample gradients of the fallback parameters, block by block over the samples.
             per_sample_bytes = 3 * 8 * sum(self.params[k].numel() for k in fallback)
@@ -254,15 +249,15 @@ class GradientCapture(LayoutProbe):
             for s, e in sample_blocks(batch, per_sample_bytes, self.budget):
                 xs, ys = (x, y) if e - s == batch else (tree_map(lambda t: t[s:e], x), y[s:e])
                 for k, g in self._per_sample_fallback(xs, ys, fallback).items():
-                    c = ChunkMoments.from_samples(g, self.signs)
+                    c = samples_moments(g, self.signs)
                     acc[k] = acc[k].combine(c) if k in acc else c
             result.update(acc)
+        if timed and self._fallback_method == PATH_FUNCTORCH:
+            self._plan.record(one, started, batch)
         return result
 
-    def _from_hooks(self, batch: int, batch_grad: dict[str, torch.Tensor | None], uses: dict[int, int]):
-        result: dict[str, ChunkMoments] = {}
+    def _from_hooks(self, batch: int, batch_grad: dict, uses: dict[int, int], result: dict, moved: set[str]):
         sampler_jobs: list = []
-        moved: set[str] = set()
         trusted: set[str] = set()  # mean taken from the batch gradient by a rule (checked by graph uses instead)
         for info in self._modules.values():
             names = [k for k in info.params if k not in self._fallback]
@@ -277,16 +272,19 @@ class GradientCapture(LayoutProbe):
             if problem:
                 moved.update(names)
                 self.paths[info.name] = self._fallback_method
+                self.fallback_reasons[info.name] = problem
                 continue
             module = info.module
             shared = any(len(self._owners[id(self.params[k])]) > 1 for k in names)
             rule = find_moment_rule(module)
             done = False
             if len(calls) == 1 and not shared and rule is not None:
-                grads = _Grads({self.params[k]: batch_grad[k] for k in names if batch_grad.get(k) is not None})
-                c0 = calls[0]
-                ctx = RuleContext(c0.activations, c0.backprops * batch, self.signs, self.budget, grads, self._scratch)
-                ctx.kwargs = c0.kwargs
+                # A broadcast call's output has other uses than the one caught: no mean from the batch gradient.
+                given = {} if calls[0].source is not None else batch_grad
+                grads = _Grads({self.params[k]: given[k] for k in names if given.get(k) is not None})
+                c = calls[0]
+                ctx = RuleContext(c.activations, c.backprops * batch, self.signs, self.budget, grads, self._scratch)
+                ctx.kwargs = c.kwargs
                 out = rule(module, ctx)
                 if out is not None:
                     for p, c in out.items():
@@ -324,19 +322,9 @@ class GradientCapture(LayoutProbe):
                     zeros.clone() if self.signs else None,
                 )
         # Consistency check: the hook path must add up to the batch gradient.
-        for k, c in result.items():
-            if k in moved or k in trusted:
-                continue
-            g = batch_grad.get(k)
-            total = c.mean * batch
-            ref = torch.zeros_like(total) if g is None else g.to(torch.float64) * batch
-            scale = math.sqrt(batch * max(float((c.m2 + c.mean.square() * batch).max()), 0.0)) if total.numel() else 0.0
-            scale = max(scale, float(ref.abs().max()) if ref.numel() else 0.0)
-            err = float((total - ref).abs().max()) if total.numel() else 0.0
-            if not math.isfinite(err):
-                continue  # non-finite gradients are reported separately
-            if err > 1e-4 * scale + 1e-30:
-                moved.add(k)
+        layers = [info.params for info in self._modules.values()]
+        layers += [[k for k, m in self._bare.items() if m == owner] for owner in set(self._bare.values())]
+        moved |= inconsistent(result, batch_grad, batch, moved | trusted, layers)
         for k in moved:
             for info in self._modules.values():
                 if k in info.params:
@@ -365,13 +353,16 @@ class GradientCapture(LayoutProbe):
                         ]
                     )
                     bp = c.backprops if whole else c.backprops[s:e]
-                    for p, gs in sampler(module, acts, bp * batch).items():
+                    bp = bp * batch
+                    inputs = [t for t in [*acts, bp] if isinstance(t, torch.Tensor)]
+                    borrowed = {t.untyped_storage().data_ptr() for t in inputs}
+                    for p, gs in sampler(module, acts, bp).items():
                         k = self._name_of.get(id(p))
                         if k is None or k in self._fallback:
                             continue
-                        block[k] = block[k] + gs if k in block else gs
+                        accumulate(block, k, gs, borrowed)
             for k, g in block.items():
-                cm = ChunkMoments.from_samples(g, self.signs)
+                cm = samples_moments(densify(g), self.signs)
                 acc[k] = acc[k].combine(cm) if k in acc else cm
             del block
         return acc
@@ -385,8 +376,14 @@ class GradientCapture(LayoutProbe):
                 return out
             except (LossError, ModelError):
                 raise
-            except Exception:
+            except Exception as exc:
                 self._fallback_method = PATH_LOOP
+                warnings.warn(
+                    f"gsnr-diag: torch.func.vmap cannot run this model: {vmap_failure(exc)} stopped it; the "
+                    "per-sample gradients it would give come from a batch-of-one loop instead (exact, slow)",
+                    SlowPathWarning,
+                    stacklevel=2,
+                )
         out = self._per_sample_loop(x, y, names)
         self._record_fallback_paths(names, PATH_LOOP)
         return out

@@ -92,3 +92,23 @@ def describe(obj: Any) -> str:
     if isinstance(obj, (tuple, list)):
         return "(" + ", ".join(describe(v) for v in obj) + ")"
     return type(obj).__name__
+
+
+def vmap_failure(exc: BaseException) -> str:
+    """Names the op that stopped ``torch.func.vmap``: ``aten::…`` from the message, else the call on the
+    innermost source line of the traceback (``_VF.lstm``), with the first line of the message."""
+    import os
+    import re
+    import traceback
+
+    text = str(exc)
+    first = (text.strip().splitlines() or [""])[0][:200]
+    op = re.search(r"aten::[A-Za-z0-9_.]+", text)
+    where = f"`{op.group(0)}`" if op else "an operation"
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if not op and frames:
+        last = frames[-1]
+        call = re.search(r"([A-Za-z_][\w.]*)\s*\(", last.line or "")
+        name = call.group(1) if call else last.name
+        where = f"`{name}` ({os.path.basename(last.filename)}:{last.lineno})"
+    return f"{where} ({type(exc).__name__}: {first})"

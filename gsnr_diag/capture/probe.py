@@ -62,6 +62,9 @@ class LayoutProbe:
             for a, b in zip(a_list, b_list):
                 if a is None or b is None:
                     continue
+                if a.ndim and a.shape[0] == 1 and n > 1 and a.shape == b.shape:
+                    info.broadcast = True  # a batch of one broadcast over the samples: checked by the tracker
+                    continue
                 if a.ndim == 0 or a.shape[0] != n or a.shape != b.shape:
                     info.problem = "its input does not have the samples in dimension 0"
                     break

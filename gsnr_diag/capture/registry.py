@@ -57,25 +57,39 @@ GRAD_SAMPLERS: dict[type, GradSampler] = {}
 #: Layer types whose samples are the rows of their *output* (their input need not be ``[B, ...]``, e.g.
 #: EmbeddingBag's flat indices with offsets) and that have no grad sampler (Opacus' would ignore keyword inputs).
 OUTPUT_BATCHED: set[type] = set()
+# Layer types of optional libraries, keyed by "module.QualName" so that registering them imports nothing.
+MOMENT_RULES_BY_NAME: dict[str, MomentRule] = {}
+GRAD_SAMPLERS_BY_NAME: dict[str, GradSampler] = {}
 
 
-def register_moment_rule(*classes: type) -> Callable[[MomentRule], MomentRule]:
-    """Decorator: register ``rule(layer, ctx)`` as the moment rule of ``classes``."""
+def type_name(cls: type) -> str:
+    """``"module.QualName"`` of a class: the key of the by-name registries."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_moment_rule(*classes: type | str) -> Callable[[MomentRule], MomentRule]:
+    """Decorator: register ``rule(layer, ctx)`` as the moment rule of ``classes`` (types or "module.QualName")."""
 
     def decorator(f: MomentRule) -> MomentRule:
         for cls in classes:
-            MOMENT_RULES[cls] = f
+            if isinstance(cls, str):
+                MOMENT_RULES_BY_NAME[cls] = f
+            else:
+                MOMENT_RULES[cls] = f
         return f
 
     return decorator
 
 
-def register_grad_sampler(*classes: type) -> Callable[[GradSampler], GradSampler]:
+def register_grad_sampler(*classes: type | str) -> Callable[[GradSampler], GradSampler]:
     """Decorator: register ``sampler(layer, activations, backprops)`` as a per-sample gradient sampler."""
 
     def decorator(f: GradSampler) -> GradSampler:
         for cls in classes:
-            GRAD_SAMPLERS[cls] = f
+            if isinstance(cls, str):
+                GRAD_SAMPLERS_BY_NAME[cls] = f
+            else:
+                GRAD_SAMPLERS[cls] = f
         return f
 
     return decorator
@@ -88,6 +102,8 @@ def find_grad_sampler(layer: nn.Module) -> GradSampler | None:
         return None
     if cls in GRAD_SAMPLERS:
         return GRAD_SAMPLERS[cls]
+    if type_name(cls) in GRAD_SAMPLERS_BY_NAME:
+        return GRAD_SAMPLERS_BY_NAME[type_name(cls)]
     from opacus.grad_sample import GradSampleModule
 
     return GradSampleModule.GRAD_SAMPLERS.get(cls)
@@ -95,4 +111,5 @@ def find_grad_sampler(layer: nn.Module) -> GradSampler | None:
 
 def find_moment_rule(layer: nn.Module) -> MomentRule | None:
     """The moment rule for this layer's type, or ``None`` (a rule may still decline by input shape)."""
-    return MOMENT_RULES.get(type(layer))
+    cls = type(layer)
+    return MOMENT_RULES.get(cls) or MOMENT_RULES_BY_NAME.get(type_name(cls))
