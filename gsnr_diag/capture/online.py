@@ -27,7 +27,7 @@ from ..errors import ModelError
 from .blocks import samples_moments
 from .registry import DEFAULT_BUDGET, RuleContext, find_grad_sampler, find_moment_rule
 
-__all__ = ["OnlineCapture", "StepMoments", "LOSS_REDUCTIONS"]
+__all__ = ["LOSS_REDUCTIONS", "LinearSums", "OnlineCapture", "StepMoments"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -38,6 +38,59 @@ class StepMoments:
 
     batch: int
     moments: dict[str, ChunkMoments] = field(default_factory=dict)
+    scratch: dict | None = None  # the work buffers the rules wrote the moments into
+
+
+@dataclass
+class LinearSums:
+    """One mini-batch's moments of an ``nn.Linear`` weight kept as the rule's raw sums, in the compute dtype.
+
+    ``mean`` = Σ_i g_i / B and ``total_sq`` = Σ_i g_i² = (δ²)ᵀ(a²) (eq. 1, 2); turned into float64
+    :class:`~gsnr_diag.core.moments.ChunkMoments` only when the window is read, exactly as the
+    moment rule does at once (M2 = Σg² − B·ḡ² in float64), so a training step pays no float64 pass.
+    """
+
+    count: int
+    mean: torch.Tensor
+    total_sq: torch.Tensor
+
+    def moments(self) -> ChunkMoments:
+        mean = self.mean.to(torch.float64)
+        m2 = self.total_sq.to(torch.float64).addcmul_(mean, mean, value=-float(self.count)).clamp_(min=0.0)
+        return ChunkMoments(self.count, mean, m2)
+
+
+def _scratch_buffer(scratch: dict, owner: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
+    key = (id(owner), name)
+    t = scratch.get(key)
+    if t is None or t.shape != like.shape or t.dtype != like.dtype:
+        t = scratch[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return t
+
+
+def _linear_sums(layer: nn.Linear, a: torch.Tensor, d: torch.Tensor, scale: float, grad, scratch: dict) -> dict | None:
+    """nn.Linear on [B, in] inputs, no sign counts: Σg² = (δ²)ᵀ(a²) and the mean from ``.grad`` when given.
+
+    ``d`` are the raw backprops; the per-sample gradients are those of ``scale`` · loss (the batch size
+    for a batch-mean loss), folded into a² (smaller than δ and Σg²).
+    """
+    W = layer.weight
+    if a.ndim != 2 or d.ndim != 2 or W.dtype not in (torch.float32, torch.float64) or a.dtype != W.dtype:
+        return None
+    out: dict = {}
+    B = int(a.shape[0])
+    if W.requires_grad:
+        sq = _scratch_buffer(scratch, W, "online-sq", W)
+        torch.mm(d.square().t(), a.square().mul_(scale * scale), out=sq)
+        mean = _scratch_buffer(scratch, W, "online-mean", W)
+        if grad is not None:
+            mean.copy_(grad)
+        else:
+            torch.mm(d.t(), a, out=mean).mul_(scale / B)
+        out[W] = LinearSums(B, mean, sq)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = samples_moments(d * scale, False)
+    return out
 
 
 @dataclass
@@ -46,6 +99,7 @@ class _Module:
     module: nn.Module
     params: list[str]
     calls: list = field(default_factory=list)  # [activations, backprops | None] per call in this step
+    awaiting: int = 0  # parameters whose .grad must still be accumulated before the rule runs
 
 
 class OnlineCapture:
@@ -57,6 +111,10 @@ class OnlineCapture:
         signs: also count per-element gradient signs (same-sign fraction); extra work per step.
         loss_reduction: ``"mean"`` (the loss is the batch mean of per-sample losses, PyTorch's default)
             or ``"sum"``.
+        every: capture one mini-batch in every ``every`` (1: all); the others run with the hooks idle.
+        slots: how many mini-batches' moments the caller keeps at a time (e.g. a window + 1); the
+            rules' work buffers cycle through that many sets, so the moments of a step stay valid
+            for ``slots − 1`` further steps and no step allocates new large buffers.
     """
 
     def __init__(
@@ -66,9 +124,13 @@ class OnlineCapture:
         *,
         signs: bool = False,
         loss_reduction: str = "mean",
+        every: int = 1,
+        slots: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ModelError(f"every: expected a positive int (capture one mini-batch in every k), got {every!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ModelError(f"loss_reduction: expected 'mean' or 'sum', got {loss_reduction!r}")
         self.model, self.on_step, self.signs, self.loss_reduction = model, on_step, signs, loss_reduction
@@ -100,6 +162,11 @@ class OnlineCapture:
                 self._modules.append(_Module(mname, module, names))
         self._batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._handles: list = []
+        self._scratch: list[dict] = [{} for _ in range(max(1, int(slots)))]
+        self._slot = 0
+        self.every = every
+        self._forwards = -1  # forward passes with gradients seen
+        self._active = False  # whether the current forward pass is captured
         self._step: StepMoments | None = None
         self._pending = 0  # calls whose backprops have not arrived yet
         self._token = 0  # which forward the recorded calls belong to
@@ -118,6 +185,8 @@ class OnlineCapture:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
         for info in self._modules:
             self._handles.append(info.module.register_forward_hook(self._make_hook(info)))
+            for k in info.params:
+                self._handles.append(self.params[k].register_post_accumulate_grad_hook(self._make_grad_hook(info)))
         return self
 
     def detach(self) -> None:
@@ -126,6 +195,7 @@ class OnlineCapture:
             h.remove()
         self._handles.clear()
         self.flush()
+        self._scratch = [{} for _ in self._scratch]  # the delivered moments keep their own buffers
         for info in self._modules:
             info.calls.clear()
 
@@ -146,6 +216,7 @@ class OnlineCapture:
         self._pending = 0
         for info in self._modules:
             info.calls.clear()
+            info.awaiting = 0
 
     # --- hooks ---------------------------------------------------------------------------
     def _on_forward(self, module, args):
@@ -159,17 +230,22 @@ class OnlineCapture:
                     "monitor, or put the BatchNorm layers in eval mode"
                 )
         self.flush()  # a new forward pass: the previous mini-batch is complete (or abandoned)
+        self._forwards += 1
+        self._active = self._forwards % self.every == 0
 
     def _make_hook(self, info: _Module):
         def hook(module, args, output):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not self._active or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             a0 = args[0] if args else None
             if not isinstance(a0, torch.Tensor) or a0.ndim == 0:
                 self._give_up(info, "its first input is not a tensor with the samples in dimension 0")
                 return
             if self._step is None:
-                self._step = StepMoments(int(a0.shape[0]))
+                self._slot = (self._slot + 1) % len(self._scratch)
+                self._step = StepMoments(int(a0.shape[0]), scratch=self._scratch[self._slot])
             if int(a0.shape[0]) != self._step.batch:
                 self._give_up(info, "its input does not have the batch's samples in dimension 0")
                 return
@@ -184,24 +260,46 @@ class OnlineCapture:
                 call[1] = grad.detach()
                 self._pending -= 1
                 if all(c[1] is not None for c in info.calls):
-                    self._reduce(info)
+                    params = [self.params[k] for k in info.params]
+                    if len(info.calls) == 1 and find_moment_rule(module) and all(q.grad is None for q in params):
+                        # .grad is about to become exactly this batch's mean gradient: the rule takes the
+                        # mean from it instead of recomputing Σg (the saving of the offline capture's grads).
+                        info.awaiting = len(params)
+                        self._pending += 1
+                    else:
+                        self._reduce(info, None)
 
             output.register_hook(catch)
 
         return hook
+
+    def _make_grad_hook(self, info: _Module):
+        def grad_hook(param):
+            if info.awaiting <= 0 or info not in self._modules:
+                return
+            info.awaiting -= 1
+            if info.awaiting == 0:
+                self._pending -= 1
+                batch = self._step.batch if self._step is not None else 1
+                scale = 1.0 if self.loss_reduction == "mean" else 1.0 / batch  # the mean Σg / B
+                params = [self.params[k] for k in info.params]
+                self._reduce(info, {q: q.grad if scale == 1.0 else q.grad * scale for q in params})
+
+        return grad_hook
 
     def _give_up(self, info: _Module, why: str) -> None:
         for k in info.params:
             self.unmeasured[k] = f"{info.name or type(info.module).__name__}: {why}"
         if info in self._modules:
             self._modules.remove(info)
-        self._pending -= sum(c[1] is None for c in info.calls)
+        self._pending -= sum(c[1] is None for c in info.calls) + (info.awaiting > 0)
+        info.awaiting = 0
         info.calls.clear()
         if self._step is not None:
             for k in info.params:
                 self._step.moments.pop(k, None)
 
-    def _reduce(self, info: _Module) -> None:
+    def _reduce(self, info: _Module, grads: dict | None) -> None:
         """Σg, Σg², signs of this module's parameters over the mini-batch (eq. 1, 2)."""
         assert self._step is not None
         batch = self._step.batch
@@ -213,8 +311,15 @@ class OnlineCapture:
             return
         rule = find_moment_rule(info.module)
         out = None
-        if len(calls) == 1 and rule is not None:
-            ctx = RuleContext(calls[0][0], calls[0][1] * scale, self.signs, DEFAULT_BUDGET, None, None)
+        if len(calls) == 1 and type(info.module) is nn.Linear and not self.signs:
+            W = info.module.weight
+            g = None if grads is None else grads.get(W)
+            out = _linear_sums(info.module, calls[0][0][0], calls[0][1], scale, g, self._step.scratch)
+            if out is not None:
+                self.paths[info.name] = "online-linear-sums"
+        if out is None and len(calls) == 1 and rule is not None:
+            bp = calls[0][1] * scale
+            ctx = RuleContext(calls[0][0], bp, self.signs, DEFAULT_BUDGET, grads, self._step.scratch)
             out = rule(info.module, ctx)
             if out is not None:
                 self.paths[info.name] = "online-moment-rule"

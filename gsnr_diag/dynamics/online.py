@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ..capture.online import OnlineCapture, StepMoments
+from ..capture.online import LinearSums, OnlineCapture, StepMoments
 from ..core.moments import Moments
 from ..core.stats import GradientStats, stats_from_moments
 from ..errors import DataError, MonitorError
@@ -47,6 +47,8 @@ class OnlineGSNR:
         model: the model being trained.
         window: number of recent mini-batches pooled (n = the sum of their batch sizes).
         signs: count gradient signs too (same-sign fraction); costs a little per step.
+        every: capture one mini-batch in every ``every`` (the window then pools the last ``window``
+            captured ones): a k-fold smaller cost per training step.
         loss_reduction: ``"mean"`` (the training loss is the batch mean of per-sample losses,
             PyTorch's default) or ``"sum"``.
         epsilon: added to ρ² in the GSNR denominator, as in :func:`~gsnr_diag.gradient_stats`.
@@ -61,6 +63,7 @@ class OnlineGSNR:
         window: int = 10,
         *,
         signs: bool = False,
+        every: int = 1,
         loss_reduction: str = "mean",
         epsilon: float = 0.0,
     ):
@@ -74,7 +77,9 @@ class OnlineGSNR:
         self.epsilon = epsilon
         self.steps = 0
         self._recent: deque[StepMoments] = deque(maxlen=window)
-        self.capture = OnlineCapture(model, self._on_step, signs=signs, loss_reduction=loss_reduction)
+        self.capture = OnlineCapture(
+            model, self._on_step, signs=signs, loss_reduction=loss_reduction, every=every, slots=window + 1
+        )
         self._start = time.perf_counter()
 
     def _on_step(self, step: StepMoments) -> None:
@@ -117,7 +122,8 @@ class OnlineGSNR:
         moments = Moments(signs=self.signs)
         for s in steps:
             for k in measured:
-                moments.add(k, s.moments[k])
+                c = s.moments[k]
+                moments.add(k, c.moments() if isinstance(c, LinearSums) else c)
         if moments.n < 2:
             raise DataError(
                 f"online GSNR: {moments.n} sample(s) seen in the window so far; run at least one training "
