@@ -90,7 +90,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['batch']} | {r['signs']} | {r['every']} | {r['plain_step_ms']:.2f} | {r['online_step_ms']:.2f} "
+            f"| {r['model']} | {r['batch']} | {r['signs']} | {r['every']} | {r['plain_step_ms']:.2f} "
+            f"| {r['online_step_ms']:.2f} "
             f"| {r['ratio']:.2f}× | {r['snapshot_10_batches_in_steps']:.1f} |"
         )
     if args.json:
