@@ -116,7 +116,8 @@ def main() -> None:
         for lr in (0.02, 0.2):
             rows += run(name, lr, args.steps, record, args.window, args.batch)
     print(
-        "| model | lr | step | online mean GSNR | exact mean GSNR | rel. diff | B_simple rel. diff | Spearman (layers) |"
+        "| model | lr | step | online mean GSNR | exact mean GSNR | rel. diff | B_simple rel. diff "
+        "| Spearman (layers) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -150,3 +150,34 @@ def test_forward_without_backward_and_no_grad_forwards_are_ignored():
             model(batches[0][0])
         _train(model, batches, lr=0.1)
     assert online.steps == 2 and online.stats().n == 16 and online.capture.dropped == 1
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_kept_between_steps_and_sum_reduction(set_to_none, reduction):
+    """Σg from the rule when .grad already holds a value (zero_grad(set_to_none=False)); loss_reduction='sum'."""
+    batches = _batches((5,), k=2)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    weights = []
+    with OnlineGSNR(model, window=2, loss_reduction=reduction, signs=False) as online:
+        for x, y in batches:
+            weights.append(copy.deepcopy(model))
+            opt.zero_grad(set_to_none=set_to_none)
+            F.cross_entropy(model(x), y, reduction=reduction).backward()
+            opt.step()
+    stats = online.stats()
+    G = _pooled_reference(weights, batches)
+    for k, g in G.items():
+        np.testing.assert_allclose(stats.mean[k].numpy(), g.mean(0), rtol=1e-5, atol=1e-6 * np.abs(g).max())
+        np.testing.assert_allclose(stats.var[k].numpy(), g.var(0, ddof=1), rtol=1e-4, atol=1e-7 * np.abs(g).max() ** 2)
+
+
+def test_every_k_captures_one_mini_batch_in_k():
+    batches = _batches((5,), k=6)
+    model = _mlp()
+    with OnlineGSNR(model, window=10, every=3) as online:
+        weights = _train(model, batches, lr=0.1)
+    assert online.steps == 2
+    G = _pooled_reference([weights[0], weights[3]], [batches[0], batches[3]])
+    np.testing.assert_allclose(online.stats().mean["0.weight"].numpy(), G["0.weight"].mean(0), rtol=1e-5, atol=1e-7)

@@ -145,6 +145,9 @@ class OnlineGSNR:
         ``online_samples`` plus the caller's numbers.
         """
         stats = self.stats()
+        # the statistics the moments give for free, where this version's Snapshot has them
+        free = ("noise_scale", "m_coherence", "layer_noise_scale", "layer_m_coherence")
+        more = {f: getattr(stats, f) for f in free if f in Snapshot.__dataclass_fields__ and hasattr(stats, f)}
         return Snapshot(
             step=int(self.steps if step is None else step),
             mean_gsnr=stats.mean_gsnr,
@@ -159,4 +162,5 @@ class OnlineGSNR:
             elapsed=time.perf_counter() - self._start,
             undefined=stats.undefined,
             extra={"online_window": float(len(self._recent)), "online_samples": float(stats.n), **extra},
+            **more,
         )

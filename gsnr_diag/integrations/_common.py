@@ -39,7 +39,8 @@ def snapshot_metrics(
     snapshot: Snapshot, stats: GradientStats | None, *, layers: bool = True, prefix: str = PREFIX
 ) -> dict[str, float]:
     """Flat ``{name: value}`` for a tracker: ``gsnr/mean_gsnr``, ``gsnr/osgr``, ``gsnr/same_sign``,
-    ``gsnr/noise_scale``, losses when measured, and ``gsnr/layer/<parameter>`` per layer.
+    ``gsnr/noise_scale``, ``gsnr/m_coherence`` (when the statistics carry it), losses when measured,
+    ``gsnr/layer/<parameter>`` (GSNR) and ``gsnr/noise_scale/<parameter>`` per parameter tensor.
 
     Values that are undefined (``None``, e.g. no same-sign counts) are left out: trackers take numbers only.
     """
@@ -48,6 +49,7 @@ def snapshot_metrics(
         "osgr": snapshot.osgr,
         "same_sign": snapshot.mean_same_sign,
         "noise_scale": noise_scale(stats) if stats is not None else getattr(snapshot, "noise_scale", None),
+        "m_coherence": getattr(stats if stats is not None else snapshot, "m_coherence", None),
         "gsnr_median": snapshot.gsnr_median,
         "opposite_sign_top10": snapshot.opposite_sign_top10,
         "train_loss": snapshot.train_loss,
@@ -56,6 +58,8 @@ def snapshot_metrics(
     }
     if layers:
         values.update({f"layer/{k}": v for k, v in snapshot.layer_gsnr.items()})
+        layer_noise = getattr(stats if stats is not None else snapshot, "layer_noise_scale", None) or {}
+        values.update({f"noise_scale/{k}": v for k, v in layer_noise.items()})
     return {prefix + k: float(v) for k, v in values.items() if v is not None}
 
 
