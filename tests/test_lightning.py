@@ -225,3 +225,17 @@ def test_ddp_two_ranks_measure_all_data_rank0_logs(tmp_path):
     with torch.no_grad():
         loss = float(nn.functional.cross_entropy(module(X), Y))
     assert r0["snaps"][-1]["train_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_metrics_reach_a_tensorboard_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    X, Y = _data()
+    cb = GSNRCallback((X, Y), every=3)
+    _fit(_trainer([cb], L.loggers.TensorBoardLogger(str(tmp_path)), max_steps=6), Tiny(), X, Y)
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gsnr/mean_gsnr")] == [0, 3, 6]
+    assert "gsnr/noise_scale" in acc.Tags()["scalars"]

@@ -151,3 +151,35 @@ def test_a_causal_lm_is_measured(tmp_path):
         trainer.train()
     snaps = cb.trajectory.snapshots
     assert [s.step for s in snaps] == [0, 2] and snaps[-1].mean_gsnr > 0 and snaps[-1].train_accuracy is None
+
+
+def test_metrics_reach_the_built_in_tensorboard_reporter(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    batch = _batch()
+    args = _args(tmp_path)
+    args.report_to = ["tensorboard"]
+    cb = GSNRTrainerCallback(batch, every=2, batch_size=12)
+    trainer = transformers.Trainer(model=_bert(), args=args, train_dataset=DictDataset(batch), callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["scalars"] if t.endswith("gsnr/mean_gsnr"))  # the reporter prefixes train/
+    assert [e.step for e in acc.Scalars(tag)] == [0, 2, 4]
+    assert [e.value for e in acc.Scalars(tag)] == pytest.approx([s.mean_gsnr for s in cb.trajectory.snapshots])
+
+
+def test_attach_sets_the_trainer_explicitly(tmp_path):
+    batch = _batch()
+    cb = GSNRTrainerCallback(batch, every=4)
+    trainer = transformers.Trainer(model=_bert(), args=_args(tmp_path), train_dataset=DictDataset(batch))
+    assert cb.attach(trainer) is trainer and cb.trainer is trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert [row["step"] for row in trainer.state.log_history if "gsnr/mean_gsnr" in row] == [0, 4]
