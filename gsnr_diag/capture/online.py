@@ -60,6 +60,14 @@ class LinearSums:
         return ChunkMoments(self.count, mean, m2)
 
 
+def _distributed() -> bool:
+    """Under torch.distributed a DDP reducer may rewrite ``.grad`` (the all-reduced average): never take
+    the mean from it there (safe as measured, but it rests on the order of autograd hooks)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _scratch_buffer(scratch: dict, owner: torch.Tensor, name: str, like: torch.Tensor) -> torch.Tensor:
     key = (id(owner), name)
     t = scratch.get(key)
@@ -261,7 +269,8 @@ class OnlineCapture:
                 self._pending -= 1
                 if all(c[1] is not None for c in info.calls):
                     params = [self.params[k] for k in info.params]
-                    if len(info.calls) == 1 and find_moment_rule(module) and all(q.grad is None for q in params):
+                    reuse = len(info.calls) == 1 and find_moment_rule(module) and not _distributed()
+                    if reuse and all(q.grad is None for q in params):
                         # .grad is about to become exactly this batch's mean gradient: the rule takes the
                         # mean from it instead of recomputing Σg (the saving of the offline capture's grads).
                         info.awaiting = len(params)

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from ..capture.online import LinearSums, OnlineCapture, StepMoments
-from ..core.moments import Moments
+from ..core.moments import Moments, all_reduce_moments
 from ..core.stats import GradientStats, stats_from_moments
 from ..errors import DataError, MonitorError
 from .trajectory import Snapshot
@@ -110,11 +110,14 @@ class OnlineGSNR:
         self._recent.clear()
 
     # --- results -------------------------------------------------------------------------
-    def stats(self) -> GradientStats:
+    def stats(self, *, distributed: bool = False, process_group: Any = None) -> GradientStats:
         """:class:`~gsnr_diag.GradientStats` of the per-sample gradients of the last ``window`` mini-batches.
 
         ``n`` is their number of samples; ``opposite_sign`` uses the current weights; ``mode`` is
-        ``"online"``. Raises ``DataError`` before two samples have been seen.
+        ``"online"``. Raises ``DataError`` before two samples have been seen. Under
+        ``torch.distributed`` each rank sees its own mini-batches; ``distributed=True`` all-reduces
+        the pooled moments (a collective: call it on every rank), giving every rank the statistics
+        of the union of all ranks' windows.
         """
         self.capture.flush()
         steps = list(self._recent)
@@ -124,6 +127,8 @@ class OnlineGSNR:
             for k in measured:
                 c = s.moments[k]
                 moments.add(k, c.moments() if isinstance(c, LinearSums) else c)
+        if distributed:
+            all_reduce_moments(moments, group=process_group)
         if moments.n < 2:
             raise DataError(
                 f"online GSNR: {moments.n} sample(s) seen in the window so far; run at least one training "
@@ -138,13 +143,15 @@ class OnlineGSNR:
             mode="online",
         )
 
-    def snapshot(self, step: int | None = None, **extra: float) -> Snapshot:
+    def snapshot(
+        self, step: int | None = None, *, distributed: bool = False, process_group: Any = None, **extra: float
+    ) -> Snapshot:
         """A :class:`~gsnr_diag.dynamics.trajectory.Snapshot` of :meth:`stats` (losses are not measured).
 
         ``step`` defaults to the number of mini-batches captured; ``extra`` holds ``online_window`` and
         ``online_samples`` plus the caller's numbers.
         """
-        stats = self.stats()
+        stats = self.stats(distributed=distributed, process_group=process_group)
         # the statistics the moments give for free, where this version's Snapshot has them
         free = ("noise_scale", "m_coherence", "layer_noise_scale", "layer_m_coherence")
         more = {f: getattr(stats, f) for f in free if f in Snapshot.__dataclass_fields__ and hasattr(stats, f)}
