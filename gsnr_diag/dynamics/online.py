@@ -53,8 +53,9 @@ class OnlineGSNR:
             PyTorch's default) or ``"sum"``.
         epsilon: added to ρ² in the GSNR denominator, as in :func:`~gsnr_diag.gradient_stats`.
 
-    Memory: the per-step moments of the window are kept (2 float64 numbers per parameter element
-    and step, 4 with ``signs``); they are merged (Chan's formula) only when :meth:`stats` is asked.
+    Memory: the per-step moments of the window are kept (2 numbers per parameter element and step:
+    float32 raw sums for the ``nn.Linear`` weights of a float32 model, float64 otherwise; 4 with
+    ``signs``); they are merged (Chan's formula, float64) only when :meth:`stats` is asked.
     """
 
     def __init__(
