@@ -181,3 +181,38 @@ def test_every_k_captures_one_mini_batch_in_k():
     assert online.steps == 2
     G = _pooled_reference([weights[0], weights[3]], [batches[0], batches[3]])
     np.testing.assert_allclose(online.stats().mean["0.weight"].numpy(), G["0.weight"].mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_deepcopy_made_while_attached_does_not_feed_the_window():
+    batches = _batches((5,), k=2)
+    model = _mlp()
+    with OnlineGSNR(model, window=5) as online:
+        copies = _train(model, batches, lr=0.1)  # deep copies of the model, taken with the hooks on
+        for c in copies:
+            F.cross_entropy(c(batches[0][0]), batches[0][1]).backward()
+    assert online.steps == 2 and online.stats().n == 16
+
+
+def test_steps_end_with_the_backward_even_when_the_models_forward_is_bypassed():
+    """As in a LightningModule whose training_step calls a submodule: each backward still ends one mini-batch."""
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+    batches = _batches((5,), k=3)
+    model = Wrapper()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    weights = []
+    with OnlineGSNR(model, window=3) as online:
+        for x, y in batches:
+            weights.append(copy.deepcopy(model.net))
+            opt.zero_grad()
+            F.cross_entropy(model.net(x), y).backward()
+            opt.step()
+    stats = online.stats()
+    assert online.steps == 3 and stats.n == 24
+    G = _pooled_reference(weights, batches)
+    for k, g in G.items():
+        np.testing.assert_allclose(stats.var["net." + k].numpy(), g.var(0, ddof=1), rtol=1e-4, atol=1e-9)

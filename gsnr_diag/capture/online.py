@@ -7,6 +7,14 @@ a tensor hook on its output; when the backward pass reaches that output, the hoo
 into the module's Σg, Σg² and sign counts for that mini-batch. The hooks read tensors only: they
 return nothing, so autograd, ``.grad`` and the parameters are exactly what they would be without them.
 
+A mini-batch begins with the first hooked layer that runs with gradients enabled and ends when the
+backward pass that reaches it completes (a callback queued on autograd's engine), so the model's own
+``forward`` need not be the entry point (a LightningModule's ``training_step`` may call a submodule).
+A forward pass of the model that is never backpropagated is dropped at the model's next forward
+(counted in ``dropped``). A deep copy of the model made while attached carries our hooks, inert: they
+check that they run on the attached modules. Activation checkpointing (a forward recomputed during
+the backward pass) is not supported.
+
 What cannot be measured this way is left out and named in ``unmeasured`` (never guessed): parameters
 of modules with neither a moment rule nor a grad sampler (the offline capture's whole-model vmap
 fallback would need a second pass), parameters shared by several modules (tied weights), and modules
@@ -39,6 +47,8 @@ class StepMoments:
     batch: int
     moments: dict[str, ChunkMoments] = field(default_factory=dict)
     scratch: dict | None = None  # the work buffers the rules wrote the moments into
+    skipped: bool = False  # not captured (``every`` > 1): only its end is watched
+    queued: bool = False  # the end-of-backward callback is queued
 
 
 @dataclass
@@ -173,8 +183,7 @@ class OnlineCapture:
         self._scratch: list[dict] = [{} for _ in range(max(1, int(slots)))]
         self._slot = 0
         self.every = every
-        self._forwards = -1  # forward passes with gradients seen
-        self._active = False  # whether the current forward pass is captured
+        self._forwards = -1  # mini-batches begun
         self._step: StepMoments | None = None
         self._pending = 0  # calls whose backprops have not arrived yet
         self._token = 0  # which forward the recorded calls belong to
@@ -194,7 +203,8 @@ class OnlineCapture:
         for info in self._modules:
             self._handles.append(info.module.register_forward_hook(self._make_hook(info)))
             for k in info.params:
-                self._handles.append(self.params[k].register_post_accumulate_grad_hook(self._make_grad_hook(info)))
+                q = self.params[k]
+                self._handles.append(q.register_post_accumulate_grad_hook(self._make_grad_hook(info, q)))
         return self
 
     def detach(self) -> None:
@@ -211,7 +221,8 @@ class OnlineCapture:
         """Deliver the current mini-batch if its backward pass has completed, else drop it."""
         step, self._step = self._step, None
         self._token += 1
-        if step is None:
+        if step is None or step.skipped:
+            self._pending = 0
             return
         if self._pending or not step.moments:
             self.dropped += bool(self._pending)
@@ -227,9 +238,7 @@ class OnlineCapture:
             info.awaiting = 0
 
     # --- hooks ---------------------------------------------------------------------------
-    def _on_forward(self, module, args):
-        if not torch.is_grad_enabled():
-            return
+    def _check_batchnorm(self) -> None:
         for bn in self._batchnorms:
             if bn.training:
                 raise ModelError(
@@ -237,24 +246,51 @@ class OnlineCapture:
                     "mixes the samples of a batch, so per-sample gradients are undefined; detach the online "
                     "monitor, or put the BatchNorm layers in eval mode"
                 )
-        self.flush()  # a new forward pass: the previous mini-batch is complete (or abandoned)
+
+    def _on_forward(self, module, args):
+        if module is not self.model or not torch.is_grad_enabled():  # (a deepcopy made while attached)
+            return
+        self._check_batchnorm()
+        self.flush()  # a new forward pass of the model: a previous one never backpropagated is dropped
+
+    def _start_step(self, batch: int) -> StepMoments:
+        """A mini-batch begins with the first hooked layer that runs with gradients after the last one ended."""
+        self._check_batchnorm()  # also when the model's own forward is bypassed (e.g. a LightningModule)
         self._forwards += 1
-        self._active = self._forwards % self.every == 0
+        skipped = self._forwards % self.every != 0
+        if not skipped:
+            self._slot = (self._slot + 1) % len(self._scratch)
+        self._step = StepMoments(batch, scratch=None if skipped else self._scratch[self._slot], skipped=skipped)
+        return self._step
+
+    def _backward_reached(self, step: StepMoments) -> None:
+        """Called from a tensor hook: the mini-batch ends when this backward pass completes."""
+        if not step.queued:
+            step.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(step))
+
+    def _end_of_backward(self, step: StepMoments) -> None:
+        if self._step is step:
+            self.flush()
 
     def _make_hook(self, info: _Module):
         def hook(module, args, output):
-            if not self._active or not torch.is_grad_enabled():
+            if module is not info.module:  # a deepcopy of the model made while attached carries the hook
                 return
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             a0 = args[0] if args else None
+            step = self._step
+            if step is None:
+                step = self._start_step(int(a0.shape[0]) if isinstance(a0, torch.Tensor) and a0.ndim else 0)
+            if step.skipped:
+                if not step.queued:
+                    output.register_hook(lambda grad, step=step: self._backward_reached(step))
+                return
             if not isinstance(a0, torch.Tensor) or a0.ndim == 0:
                 self._give_up(info, "its first input is not a tensor with the samples in dimension 0")
                 return
-            if self._step is None:
-                self._slot = (self._slot + 1) % len(self._scratch)
-                self._step = StepMoments(int(a0.shape[0]), scratch=self._scratch[self._slot])
-            if int(a0.shape[0]) != self._step.batch:
+            if int(a0.shape[0]) != step.batch:
                 self._give_up(info, "its input does not have the batch's samples in dimension 0")
                 return
             call = [[a.detach() if isinstance(a, torch.Tensor) else a for a in args], None]
@@ -267,6 +303,7 @@ class OnlineCapture:
                     return  # a backward through an older forward pass
                 call[1] = grad.detach()
                 self._pending -= 1
+                self._backward_reached(step)
                 if all(c[1] is not None for c in info.calls):
                     params = [self.params[k] for k in info.params]
                     reuse = len(info.calls) == 1 and find_moment_rule(module) and not _distributed()
@@ -282,9 +319,9 @@ class OnlineCapture:
 
         return hook
 
-    def _make_grad_hook(self, info: _Module):
+    def _make_grad_hook(self, info: _Module, own: torch.Tensor):
         def grad_hook(param):
-            if info.awaiting <= 0 or info not in self._modules:
+            if param is not own or info.awaiting <= 0 or info not in self._modules:
                 return
             info.awaiting -= 1
             if info.awaiting == 0:
