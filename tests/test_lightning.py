@@ -239,3 +239,23 @@ def test_metrics_reach_a_tensorboard_logger(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("gsnr/mean_gsnr")] == [0, 3, 6]
     assert "gsnr/noise_scale" in acc.Tags()["scalars"]
+
+
+def test_online_mode_logs_on_the_schedule_and_leaves_training_untouched():
+    X, Y = _data()
+    a, b = Tiny(), Tiny()
+    L.seed_everything(0, verbose=False)
+    _fit(_trainer([], Capture()), a, X, Y)
+    logger = Capture()
+    cb = GSNRCallback(None, every=2, online=3)
+    L.seed_everything(0, verbose=False)
+    _fit(_trainer([cb], logger), b, X, Y)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert [s.step for s in cb.online_trajectory.snapshots] == [2, 4, 6]
+    assert [s.extra["online_samples"] for s in cb.online_trajectory.snapshots] == [32, 48, 48]
+    rows = [(step, m) for step, m in logger.rows if "gsnr_online/mean_gsnr" in m]
+    assert [step for step, _ in rows] == [2, 4, 6] and "gsnr_online/noise_scale" in rows[-1][1]
+    assert cb.trajectory.snapshots == [] and not any(m._forward_hooks for m in b.modules())  # detached at the end
+    with pytest.raises(Exception, match="data"):
+        GSNRCallback(None)

@@ -145,14 +145,21 @@ class OnlineGSNR:
         )
 
     def snapshot(
-        self, step: int | None = None, *, distributed: bool = False, process_group: Any = None, **extra: float
+        self,
+        step: int | None = None,
+        *,
+        stats: GradientStats | None = None,
+        distributed: bool = False,
+        process_group: Any = None,
+        **extra: float,
     ) -> Snapshot:
         """A :class:`~gsnr_diag.dynamics.trajectory.Snapshot` of :meth:`stats` (losses are not measured).
 
-        ``step`` defaults to the number of mini-batches captured; ``extra`` holds ``online_window`` and
-        ``online_samples`` plus the caller's numbers.
+        ``step`` defaults to the number of mini-batches captured; ``stats``: a result of :meth:`stats`
+        to reuse; ``extra`` holds ``online_window`` and ``online_samples`` plus the caller's numbers.
         """
-        stats = self.stats(distributed=distributed, process_group=process_group)
+        if stats is None:
+            stats = self.stats(distributed=distributed, process_group=process_group)
         # the statistics the moments give for free, where this version's Snapshot has them
         free = ("noise_scale", "m_coherence", "layer_noise_scale", "layer_m_coherence")
         more = {f: getattr(stats, f) for f in free if f in Snapshot.__dataclass_fields__ and hasattr(stats, f)}

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..dynamics.monitor import Monitor
-from ..dynamics.schedules import Schedule
+from ..dynamics.online import OnlineGSNR
+from ..dynamics.schedules import Schedule, _as_schedule
 from ..dynamics.trajectory import Snapshot, Trajectory
+from ..errors import MonitorError
 from ._common import RankShard, check_shardable, distributed_world, snapshot_metrics
 
 __all__ = ["GSNRCallback", "callback_base"]  # noqa: F822 - GSNRCallback is built on first access (__getattr__)
@@ -63,8 +65,12 @@ class _GSNRCallbackMixin:
         task: str | None = None,
         log_layers: bool = True,
         prefix: str = "gsnr/",
+        online: int | None = None,
+        online_every: int = 1,
     ):
         super().__init__()
+        if data is None and online is None:
+            raise MonitorError("data: expected the data to measure on (or data=None with online=<window>), got None")
         self.data = data
         self.loss_fn = loss_fn
         self.every = every
@@ -77,6 +83,9 @@ class _GSNRCallbackMixin:
         self.log_layers = log_layers
         self.prefix = prefix
         self.monitor: Monitor | None = None
+        self.online_window, self.online_every = online, online_every
+        self.online: OnlineGSNR | None = None
+        self.online_trajectory = Trajectory(metadata={"estimator": "online", "window": online, "every": online_every})
         self._last_step: int | None = None
 
     @property
@@ -109,21 +118,41 @@ class _GSNRCallbackMixin:
         )
 
     def _record(self, trainer: Any, pl_module: Any, step: int) -> Snapshot | None:
-        if self.monitor is None:
+        if self.monitor is None and self.data is not None:
             self.monitor = self._make_monitor(pl_module)
-        if step == self._last_step or not self.monitor.should_record(step):
+        schedule = self.monitor.schedule if self.monitor is not None else _as_schedule(self.every)
+        if step == self._last_step or not schedule(step):
             return None
         self._last_step = step
-        snap = self.monitor.record(step, epoch=float(trainer.current_epoch))
-        if trainer.is_global_zero:
-            metrics = snapshot_metrics(snap, self.monitor.last_stats, layers=self.log_layers, prefix=self.prefix)
+        metrics: dict[str, float] = {}
+        snap = None
+        if self.monitor is not None:
+            snap = self.monitor.record(step, epoch=float(trainer.current_epoch))
+            metrics.update(snapshot_metrics(snap, self.monitor.last_stats, layers=self.log_layers, prefix=self.prefix))
+        if self.online is not None and self.online.steps > 0:  # the same steps on every rank: a collective
+            _, world = distributed_world()
+            stats = self.online.stats(distributed=world > 1)
+            online_snap = self.online.snapshot(step, stats=stats)
+            self.online_trajectory.snapshots.append(online_snap)
+            prefix = self.prefix.rstrip("/") + "_online/"
+            metrics.update(snapshot_metrics(online_snap, stats, layers=self.log_layers, prefix=prefix))
+        if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         return snap
 
     # --- Lightning hooks ----------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.online_window is not None and self.online is None:
+            self.online = OnlineGSNR(pl_module, window=self.online_window, every=self.online_every).attach()
         self._record(trainer, pl_module, int(trainer.global_step))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.online is not None:
+            self.online.detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step counts optimizer steps; with gradient accumulation it stays put between updates.
@@ -161,6 +190,11 @@ _DOC = """Record GSNR snapshots of the LightningModule on a schedule of optimize
         signs, mode, task: as for :class:`~gsnr_diag.Monitor`.
         log_layers: also log ``gsnr/layer/<parameter>`` for every parameter tensor.
         prefix: the metric-name prefix.
+        online: also run :class:`~gsnr_diag.dynamics.online.OnlineGSNR` with this window on the training
+            mini-batches and log its statistics on the same schedule as ``gsnr_online/*``
+            (``callback.online_trajectory``); ``data=None`` with ``online`` logs only those (no
+            full-data pass). A different, cheaper estimator: see the online mode in the README.
+        online_every: capture one training mini-batch in this many.
 
     Logs ``gsnr/mean_gsnr``, ``gsnr/osgr``, ``gsnr/same_sign``, ``gsnr/noise_scale`` (B_simple),
     ``gsnr/gsnr_median``, losses and per-layer values to every logger of the Trainer at the step
