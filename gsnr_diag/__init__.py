@@ -86,3 +86,6 @@ _lazy(".dynamics.training", "train")
 _lazy(".report", "render_html", "render_pdf", "load_run", "save_run", "new_run")
 
 # --- plugin: gsnr_diag.plugin (pytest11 entry point), not re-exported here ---
+
+# --- online mode (training mini-batches) ---
+_lazy(".dynamics.online", "OnlineGSNR")

@@ -108,12 +108,22 @@ def infer_task(loss_fn: Any, data: Any) -> str:
 
 
 def evaluate(
-    model: nn.Module, data: Any, loss_fn: Callable, *, batch_size: int | None, device: torch.device, accuracy: bool
+    model: nn.Module,
+    data: Any,
+    loss_fn: Callable,
+    *,
+    batch_size: int | None,
+    device: torch.device,
+    accuracy: bool,
+    distributed: bool = False,
+    process_group: Any = None,
 ) -> tuple[float | None, float | None]:
     """(mean loss, accuracy) of ``model`` on ``data`` in eval mode under ``torch.no_grad``.
 
     The loss is the sample-weighted mean of ``loss_fn``'s batch means; the caller wraps this in
-    :func:`~gsnr_diag.measure.preserved_state` so modes and RNG are restored.
+    :func:`~gsnr_diag.measure.preserved_state` so modes and RNG are restored. With
+    ``distributed=True`` the sums are all-reduced over ``torch.distributed`` ranks (each rank
+    passes its shard; a collective: every rank must call it).
     """
     model.eval()
     total = 0.0
@@ -128,6 +138,12 @@ def evaluate(
             if accuracy:
                 logits = out if isinstance(out, torch.Tensor) else out[0]
                 correct += int((logits.argmax(dim=-1) == y).sum())
+    if distributed:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, float(correct), float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums, group=process_group)
+        total, correct, count = float(sums[0]), int(round(float(sums[1]))), int(round(float(sums[2])))
     if count == 0:
         return None, None
     return total / count, (correct / count if accuracy else None)
@@ -153,6 +169,11 @@ class Monitor:
             loss function or the target dtype when ``None``.
         mode: measurement mode passed to :func:`~gsnr_diag.gradient_stats` (``"eval"`` default).
         metadata: extra metadata for the trajectory (e.g. ``{"label": "real"}``).
+        distributed: each ``torch.distributed`` rank passes its own shard of ``data`` (and
+            ``test_data``); the moments and losses are all-reduced, so every rank records the
+            statistics of the union. ``record`` is then a collective: call it on every rank at the
+            same steps (give ``path`` on one rank only).
+        process_group: the ``torch.distributed`` group for ``distributed=True`` (default: the world).
     """
 
     def __init__(
@@ -169,6 +190,8 @@ class Monitor:
         task: str | None = None,
         mode: str = "eval",
         metadata: dict[str, Any] | None = None,
+        distributed: bool = False,
+        process_group: Any = None,
     ):
         if not isinstance(model, nn.Module):
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -189,6 +212,8 @@ class Monitor:
         self.signs = signs
         self.mode = mode
         self.task = task
+        self.distributed = distributed
+        self.process_group = process_group
         self.last_stats: GradientStats | None = None
         self._previous_mean: dict[str, torch.Tensor] | None = None
         self._header_written = False
@@ -258,13 +283,20 @@ class Monitor:
             self.task = infer_task(self.loss_fn, self.data)
             self.trajectory.metadata["task"] = self.task
         accuracy = self.task == "classification"
+        dist = {"distributed": self.distributed, "process_group": self.process_group}
         stats = gradient_stats(
-            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode
+            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode, **dist
         )
         device = model_device(self.model)
         with preserved_state(self.model):
             train_loss, train_acc = evaluate(
-                self.model, self.data, self.loss_fn, batch_size=self.batch_size, device=device, accuracy=accuracy
+                self.model,
+                self.data,
+                self.loss_fn,
+                batch_size=self.batch_size,
+                device=device,
+                accuracy=accuracy,
+                **dist,
             )
             test_loss = test_acc = None
             if self.test_data is not None:
@@ -275,6 +307,7 @@ class Monitor:
                     batch_size=self.batch_size,
                     device=device,
                     accuracy=accuracy,
+                    **dist,
                 )
         weights = {k: p.detach() for k, p in self.model.named_parameters() if k in stats.mean}
         corr = None
