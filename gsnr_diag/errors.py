@@ -38,3 +38,7 @@ class ThresholdError(GsnrDiagError, AssertionError):
 
 class MonitorError(GsnrDiagError, ValueError):
     """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
+
+
+class OutputError(GsnrDiagError, OSError):
+    """An output file could not be written (an unwritable folder, a path through a file, a full disk)."""
