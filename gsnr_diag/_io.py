@@ -18,6 +18,7 @@ from typing import Any
 from .errors import OutputError, TrajectoryFormatError
 
 __all__ = [
+    "atomic_write_bytes",
     "atomic_write_text",
     "check_schema_version",
     "clean_float",
@@ -74,8 +75,8 @@ def why_unwritable(path: str | os.PathLike[str], exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed into place.
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, renamed into place.
 
     A crash never leaves half a file, and the file gets ordinary permissions (``mkstemp`` makes 0600).
     Missing folders are created; a path that cannot be written raises :class:`~gsnr_diag.errors.OutputError`
@@ -93,8 +94,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     os.umask(umask)
     try:
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -106,6 +107,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
             raise OutputError(f"{path}: cannot write it ({why}); the previous file is untouched") from exc
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` as UTF-8 through :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

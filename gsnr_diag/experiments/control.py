@@ -27,6 +27,7 @@ __all__ = [
     "gsnr_ratio",
     "control_verdict",
     "build_seeded",
+    "partial_control",
     "check_classification",
 ]
 
@@ -66,6 +67,21 @@ def build_seeded(build_model: Callable[[], nn.Module], seed: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelError(f"build_model() returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def partial_control(real: Any, shuffled: Any, label_noise: float) -> dict[str, Any]:
+    """The control while (or after) its shuffled-label run was cut short, as a run-JSON dict.
+
+    The ratio and verdict cover the steps both runs reached; ``"partial": True`` marks it, and the
+    verdict says how far the shuffled run got, so a report never presents it as a finished control.
+    """
+    result = ControlResult.from_runs(real, shuffled, label_noise)
+    reached = max(shuffled.steps, default=None)
+    planned = max(real.steps, default=None)
+    d = result.to_dict()
+    d["partial"] = True
+    d["verdict"] = f"partial control (the shuffled-label run reached step {reached} of {planned}): " + d["verdict"]
+    return d
 
 
 def shuffled_label_control(
