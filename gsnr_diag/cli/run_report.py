@@ -20,7 +20,7 @@ from .._io import environment_info
 from .modelfile import ModelFile, ModelFileError, UserCodeError, call_user, traceback_enters, user_traceback
 from .runfile import RunFile
 
-__all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "DEFAULTS"]
+__all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "loader_batches", "DEFAULTS"]
 
 DEFAULTS = {"epochs": 10, "lr": 0.01, "batch_size": 64, "seed": 0, "device": "cpu"}
 TARGET_SNAPSHOTS = 30
@@ -172,8 +172,13 @@ def run_report(
             "(from TASK, the loss, or float targets)"
         )
 
+    train_data, batch_sampler = loader_batches(train_data, settings)
     n_train = count_samples(train_data)
     steps_per_epoch = 1 if settings.batch_size is None or not n_train else math.ceil(n_train / settings.batch_size)
+    if batch_sampler is not None:
+        steps_per_epoch = len(batch_sampler)
+    if settings.sources.get("batch_size") == "the DataLoader from load_data()":
+        echo(f"batch size {settings.batch_size} and sampler: those of the DataLoader (--batch-size overrides)")
     schedule, schedule_text = _schedule(settings.epochs * steps_per_epoch, settings.every)
     env = environment_info()
     loss_name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "loss_fn")
@@ -242,8 +247,8 @@ def run_report(
         "test_data": test_data,
         "make_optimizer": user_optimizer if mf.make_optimizer is not None else None,
         "on_snapshot": on_snapshot,
-        "batch_size": settings.batch_size,
         "progress": progress,
+        **({"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": settings.batch_size}),
     }
     try:
         if run_control:
@@ -296,6 +301,26 @@ def run_report(
         raise
     stopped = run.trajectory.metadata.get("stopped") if run.trajectory is not None else None
     return save(partial=bool(stopped), stopped=stopped)
+
+
+def loader_batches(train_data: Any, settings: ReportSettings) -> tuple[Any, Any]:
+    """A DataLoader from ``load_data()`` keeps its batch size and sampler unless ``--batch-size`` or
+    ``--full-batch`` is given: ``(its dataset, its batch_sampler)``; otherwise ``(train_data, None)``.
+
+    An IterableDataset loader (no sampler to reuse) keeps its batch size. ``settings`` is updated to
+    say where the batch size came from.
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(train_data, DataLoader) or settings.sources.get("batch_size") == "command line":
+        return train_data, None
+    if train_data.batch_size is None:  # automatic batching off: the loader yields whole batches itself
+        return train_data, None
+    settings.batch_size = train_data.batch_size
+    settings.sources["batch_size"] = "the DataLoader from load_data()"
+    if isinstance(train_data.dataset, IterableDataset) or train_data.batch_sampler is None:
+        return train_data, None
+    return train_data.dataset, train_data.batch_sampler
 
 
 def _run_osgr(mf: ModelFile, train_data: Any, loss_fn: Any, settings: ReportSettings, n_train: int | None) -> Any:

@@ -139,6 +139,7 @@ def train(
     test_data: Any = None,
     seed: int = 0,
     progress: bool | Progress = True,
+    batch_sampler: Any = None,
 ) -> Trajectory | None:
     """Train ``model`` in place; return the monitor's trajectory (``None`` without a monitor).
 
@@ -160,6 +161,10 @@ def train(
         progress: ``True``: a text progress bar on stderr (:class:`StderrProgress`); ``False``: none;
             or a callable ``progress(done, total)`` (e.g. driving the CLI's click progress bar),
             called with 0 before the first update and after every optimizer update.
+        batch_sampler: instead of ``batch_size``, an iterable of index lists into ``data``'s samples
+            in dataset order — e.g. a ``DataLoader``'s ``batch_sampler``, so its batch size, sampler
+            and ``drop_last`` are honoured. It is iterated afresh each epoch with torch's RNG seeded
+            from ``seed`` and the epoch (restored afterwards), so two runs see the same batches.
 
     The model is left in the train/eval mode it came in.
     """
@@ -181,8 +186,18 @@ def train(
         optimizer = torch.optim.SGD(params, lr=lr)
     device = model_device(model)
 
-    full_batch = batch_size is None
-    if full_batch:
+    if batch_sampler is not None and batch_size is not None:
+        raise DataError("batch_sampler: pass either batch_size or batch_sampler, not both")
+    full_batch = batch_size is None and batch_sampler is None
+    epoch_batches = None
+    if batch_sampler is not None:
+        X, Y = materialize(data)
+        X = tree_map(lambda t: t.to(device), X)
+        Y = Y.to(device)
+        n = int(Y.shape[0])
+        epoch_batches = _sampled_batches(batch_sampler, seed, n, device)
+        steps_per_epoch = len(epoch_batches(0))
+    elif full_batch:
         n = count_samples(data)
         steps_per_epoch = 1
         X = Y = None
@@ -203,9 +218,11 @@ def train(
             settings={
                 "epochs": epochs,
                 "lr": lr,
-                "batch_size": batch_size,
+                "batch_size": batch_size if batch_sampler is None else getattr(batch_sampler, "batch_size", None),
                 "optimizer": type(optimizer).__name__,
-                "algorithm": "full-batch GD" if full_batch else "mini-batch SGD",
+                "algorithm": "full-batch GD"
+                if full_batch
+                else "mini-batch SGD" + (" (the DataLoader's batches)" if batch_sampler is not None else ""),
                 "steps": total,
             },
         )
@@ -223,6 +240,8 @@ def train(
         for epoch in range(epochs):
             if full_batch:
                 batches = [None]
+            elif epoch_batches is not None:
+                batches = epoch_batches(epoch)
             else:
                 perm = torch.randperm(n, generator=generator).to(device)
                 batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -262,6 +281,27 @@ def train(
             on_progress.close()
         _restore_modes(modes)
     return monitor.trajectory if monitor is not None else None
+
+
+def _sampled_batches(batch_sampler: Any, seed: int, n: int, device: Any) -> Callable[[int], list[torch.Tensor]]:
+    """``epoch -> index tensors`` drawn from ``batch_sampler`` under a seeded, restored torch RNG."""
+    cache: dict[int, list[torch.Tensor]] = {}
+
+    def draw(epoch: int) -> list[torch.Tensor]:
+        if epoch not in cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + epoch)
+                batches = [torch.as_tensor(list(b), dtype=torch.long) for b in batch_sampler]
+            bad = [int(b.max()) for b in batches if b.numel() and (int(b.max()) >= n or int(b.min()) < 0)]
+            if bad:
+                raise DataError(f"batch_sampler: index {bad[0]} is outside the {n} training samples")
+            if not batches:
+                raise DataError("batch_sampler: it yielded no batches")
+            cache.clear()
+            cache[epoch] = [b.to(device) for b in batches]
+        return cache[epoch]
+
+    return draw
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:

@@ -113,16 +113,16 @@ def shuffled_label_control(
             trainable parameters; default plain SGD at ``lr``.
         on_snapshot: ``on_snapshot(label, snapshot, monitor)`` after every snapshot, ``label`` being
             ``"real"`` or ``"shuffled"`` (e.g. to save progress as it goes).
-        train_kw: ``batch_size`` and ``progress`` go to :func:`~gsnr_diag.dynamics.training.train`;
-            ``every``, ``signs``, ``mode`` and ``monitor_batch_size`` (the measurement chunk) to the
-            :class:`~gsnr_diag.dynamics.monitor.Monitor`s.
+        train_kw: ``batch_size`` (or ``batch_sampler``) and ``progress`` go to
+            :func:`~gsnr_diag.dynamics.training.train`; ``every``, ``signs``, ``mode`` and
+            ``monitor_batch_size`` (the measurement chunk) to the :class:`~gsnr_diag.dynamics.monitor.Monitor`s.
     """
     X, Y = materialize(data)
     check_classification(Y, "shuffled_label_control")
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss)):
         raise DataError("shuffled_label_control is for classification only; got a regression loss")
-    unknown = set(train_kw) - set(MONITOR_KEYS) - {"batch_size", "progress"}
+    unknown = set(train_kw) - set(MONITOR_KEYS) - {"batch_size", "batch_sampler", "progress"}
     if unknown:
         raise ModelError(f"shuffled_label_control: unknown keyword(s) {sorted(unknown)}")
     monitor_kw = {k: train_kw.pop(k) for k in MONITOR_KEYS if k in train_kw}
