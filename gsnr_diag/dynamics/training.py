@@ -8,8 +8,9 @@
   two runs with the same seed see the same batch order).
 
 The monitor records at step 0 (before any update), whenever its schedule says so, and at the
-last step. A non-finite loss stops training with a :class:`NonFiniteLossWarning` and the
-trajectory recorded so far is kept (``metadata["stopped"]`` says why).
+last step. A diverging run — a NaN/inf loss, or NaN/inf per-sample gradients at a snapshot after
+step 0 — stops training with a :class:`NonFiniteLossWarning`, and the trajectory recorded so far is
+kept (``metadata["stopped"]`` says why).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data import Inputs, call_model, count_samples, iter_batches, tree_map
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, NonFiniteGradientError
 from ..measure import model_device
 from .monitor import Monitor
 from .trajectory import Trajectory
@@ -271,11 +272,13 @@ def train(
                     on_progress(step, total)
                 if monitor is not None and monitor.should_record(step):
                     _restore_modes(modes)
-                    monitor.record(step, epoch=step / steps_per_epoch, batch_loss=loss_value)
+                    if not _record_or_stop(monitor, step, lr, epoch=step / steps_per_epoch, batch_loss=loss_value):
+                        return monitor.trajectory
                     last_recorded = step
         if monitor is not None and last_recorded != step:
             _restore_modes(modes)
-            monitor.record(step, epoch=step / steps_per_epoch)
+            if not _record_or_stop(monitor, step, lr, epoch=step / steps_per_epoch):
+                return monitor.trajectory
     finally:
         if isinstance(on_progress, StderrProgress):
             on_progress.close()
@@ -302,6 +305,26 @@ def _sampled_batches(batch_sampler: Any, seed: int, n: int, device: Any) -> Call
         return cache[epoch]
 
     return draw
+
+
+def _record_or_stop(monitor: Monitor, step: int, lr: float, **kw: Any) -> bool:
+    """Record a snapshot; ``False`` (with a :class:`NonFiniteLossWarning`) when training has diverged.
+
+    After step 0, per-sample gradients that are NaN/inf mean the run diverged (weights or activations
+    overflowed, possibly while the loss was still finite): training stops as for a NaN/inf loss, keeping
+    the trajectory recorded so far. At step 0 the same error is a problem of the data or the loss, raised.
+    """
+    try:
+        monitor.record(step, **kw)
+    except NonFiniteGradientError as exc:
+        msg = (
+            f"training stopped: the gradients at step {step} are NaN/inf, the run diverged; lr={lr} may be too "
+            f"large. The trajectory recorded so far ({len(monitor.trajectory)} snapshot(s)) is kept. ({exc})"
+        )
+        warnings.warn(msg, NonFiniteLossWarning, stacklevel=3)
+        monitor.update_metadata(stopped=msg)
+        return False
+    return True
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
