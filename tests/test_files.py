@@ -151,3 +151,123 @@ def test_trajectory_save_onto_a_directory_is_an_output_error(tmp_path):
     with pytest.raises(OutputError, match="is a directory"):
         Trajectory().save(tmp_path)
     assert json.loads(json.dumps(Trajectory().to_dict()))["snapshots"] == []
+
+
+# ----------------------------------------------------------------------------- the run JSON of `gsnr-diag report`
+TINY = """
+import os
+import torch
+from torch import nn
+
+EPOCHS = 2
+LR = 0.2
+BATCH_SIZE = 16
+CALLS = 0
+STOP = int(os.environ.get("GSNR_TEST_STOP_AT", "0"))  # forward calls before a Ctrl-C (0: never)
+BREAK = os.environ.get("GSNR_TEST_BREAK") == "1"
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        global CALLS
+        CALLS += 1
+        if BREAK:
+            raise RuntimeError("broken on purpose")
+        if STOP and CALLS >= STOP:
+            raise KeyboardInterrupt
+        return self.body(x)
+
+
+def build_model():
+    return Net()
+
+
+def load_data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 4, generator=g)
+    Y = (X[:, 0] > 0).long() + (X[:, 1] > 0.5).long()
+    return (X[:48], Y[:48]), (X[48:], Y[48:])
+"""
+
+
+def _report(tmp_path, *args, env=None, monkeypatch=None):
+    import sys
+
+    from click.testing import CliRunner
+
+    from gsnr_diag.cli import main
+
+    sys.modules.pop("gsnr_diag_user_model_tiny", None)
+    model = tmp_path / "tiny.py"
+    if not model.exists():
+        model.write_text(TINY)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(main, ["report", str(model), "--out", str(tmp_path / "r.html"), "-q", *args])
+    for k in env or {}:
+        monkeypatch.delenv(k)
+    return result
+
+
+def test_failed_rerun_keeps_the_complete_run_json(tmp_path, monkeypatch):
+    first = _report(tmp_path, "--no-control")
+    assert first.exit_code == 0, first.output
+    run_json = tmp_path / "r.run.json"
+    html = tmp_path / "r.html"
+    kept, kept_html = run_json.read_bytes(), html.read_bytes()
+    again = _report(tmp_path, "--no-control", env={"GSNR_TEST_BREAK": "1"}, monkeypatch=monkeypatch)
+    assert again.exit_code == 2, again.output
+    assert run_json.read_bytes() == kept and html.read_bytes() == kept_html
+    side = json.loads((tmp_path / "r.run.incomplete.json").read_text())
+    assert side["trajectory"] is None and side["metadata"]["partial"] is True
+
+
+def test_interrupted_rerun_keeps_the_complete_run_and_saves_its_own_progress(tmp_path, monkeypatch):
+    assert _report(tmp_path, "--no-control").exit_code == 0
+    run_json = tmp_path / "r.run.json"
+    kept = run_json.read_bytes()
+    again = _report(tmp_path, "--no-control", env={"GSNR_TEST_STOP_AT": "12"}, monkeypatch=monkeypatch)
+    assert again.exit_code == 130, again.output
+    assert "r.run.incomplete.json" in again.output
+    assert run_json.read_bytes() == kept
+    assert json.loads((tmp_path / "r.run.incomplete.json").read_text())["trajectory"]["snapshots"]
+
+
+def test_finished_rerun_replaces_the_run_json_and_removes_its_incomplete_file(tmp_path, monkeypatch):
+    assert _report(tmp_path, "--no-control").exit_code == 0
+    assert _report(tmp_path, "--no-control", env={"GSNR_TEST_BREAK": "1"}, monkeypatch=monkeypatch).exit_code == 2
+    assert (tmp_path / "r.run.incomplete.json").exists()
+    assert _report(tmp_path, "--no-control", "--epochs", "1").exit_code == 0
+    run = json.loads((tmp_path / "r.run.json").read_text())
+    assert run["metadata"]["settings"]["epochs"] == 1 and not run["metadata"].get("partial")
+
+
+def test_interrupted_control_keeps_both_runs_and_renders_partially(tmp_path, monkeypatch):
+    import sys
+
+    full = _report(tmp_path, "--every", "1")
+    assert full.exit_code == 0, full.output
+    calls = sys.modules["gsnr_diag_user_model_tiny"].CALLS
+    (tmp_path / "r.run.json").unlink()
+    (tmp_path / "r.html").unlink()
+    stop = int(calls * 0.8)  # inside the shuffled-label run, which comes second
+    result = _report(tmp_path, "--every", "1", env={"GSNR_TEST_STOP_AT": str(stop)}, monkeypatch=monkeypatch)
+    assert result.exit_code == 130, result.output
+    run = json.loads((tmp_path / "r.run.json").read_text())
+    control = run["control"]
+    assert control is not None and control["partial"] is True
+    real, shuffled = control["real"]["snapshots"], control["shuffled"]["snapshots"]
+    assert len(shuffled) >= 2 and shuffled[-1]["step"] < real[-1]["step"]
+    assert run["trajectory"]["snapshots"] == real
+    from click.testing import CliRunner
+
+    from gsnr_diag.cli import main
+
+    rendered = CliRunner().invoke(main, ["render", str(tmp_path / "r.run.json"), "-q"])
+    assert rendered.exit_code == 0, rendered.output
+    html = (tmp_path / "r.html").read_text()
+    assert "The shuffled-label control did not finish" in html and "This run did not finish" in html
