@@ -271,3 +271,28 @@ def test_interrupted_control_keeps_both_runs_and_renders_partially(tmp_path, mon
     assert rendered.exit_code == 0, rendered.output
     html = (tmp_path / "r.html").read_text()
     assert "The shuffled-label control did not finish" in html and "This run did not finish" in html
+
+
+# ----------------------------------------------------------------------------- a diverging run keeps its trajectory
+def test_diverging_run_warns_and_keeps_the_trajectory():
+    from gsnr_diag import train
+    from gsnr_diag.dynamics.training import NonFiniteLossWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    X = torch.randn(64, 4)
+    data = (X, X[:, :1] * 3)
+    monitor = Monitor(model, data, nn.MSELoss(), every=1)
+    with pytest.warns(NonFiniteLossWarning, match="diverged|the loss is"):
+        traj = train(model, data, nn.MSELoss(), epochs=30, lr=1e6, batch_size=16, monitor=monitor, progress=False)
+    assert len(traj) >= 1 and traj.steps[0] == 0
+    assert "training stopped" in traj.metadata["stopped"]
+
+
+def test_trajectory_load_of_deeply_nested_json(tmp_path):
+    from gsnr_diag.errors import TrajectoryFormatError
+
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TrajectoryFormatError, match="nested too deeply"):
+        Trajectory.load(path)
