@@ -307,8 +307,8 @@ def loader_batches(train_data: Any, settings: ReportSettings) -> tuple[Any, Any]
     """A DataLoader from ``load_data()`` keeps its batch size and sampler unless ``--batch-size`` or
     ``--full-batch`` is given: ``(its dataset, its batch_sampler)``; otherwise ``(train_data, None)``.
 
-    An IterableDataset loader (no sampler to reuse) keeps its batch size. ``settings`` is updated to
-    say where the batch size came from.
+    A loader over an IterableDataset (no sampler to reuse) or with its own ``collate_fn`` keeps its batch
+    size only. ``settings`` is updated to say where the batch size came from.
     """
     from torch.utils.data import DataLoader, IterableDataset
 
@@ -318,7 +318,11 @@ def loader_batches(train_data: Any, settings: ReportSettings) -> tuple[Any, Any]
         return train_data, None
     settings.batch_size = train_data.batch_size
     settings.sources["batch_size"] = "the DataLoader from load_data()"
+    from torch.utils.data import default_collate
+
     if isinstance(train_data.dataset, IterableDataset) or train_data.batch_sampler is None:
+        return train_data, None
+    if train_data.collate_fn is not default_collate:  # its batches are not rows of the dataset: keep the size
         return train_data, None
     return train_data.dataset, train_data.batch_sampler
 
