@@ -155,7 +155,15 @@ def write_outputs(run: dict[str, Any], out: Path, pdf: Path | None, say, *, run_
         write_html(html, out)
         say(f"HTML report: {out} ({out.stat().st_size / 1024:.0f} KiB)")
         if pdf is not None:
-            render_pdf(html, pdf)
+            try:
+                render_pdf(html, pdf)
+            except (ImportError, OSError) as exc:
+                if isinstance(exc, GsnrDiagError):
+                    raise
+                raise InputError(
+                    f"--pdf {pdf}: the PDF could not be made ({type(exc).__name__}: {str(exc)[:200]}); the HTML "
+                    f"report {out} was written. weasyprint needs the Pango library (see the README's install notes)"
+                ) from None
             say(f"PDF report:  {pdf} ({pdf.stat().st_size / 1024:.0f} KiB)")
     except GsnrDiagError as exc:
         raise fail_input(exc) from exc
