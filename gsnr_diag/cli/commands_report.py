@@ -15,6 +15,7 @@ from .common import (
     EXIT_INTERRUPTED,
     MODEL_FILE_HELP,
     ClickProgress,
+    PlainWarnings,
     check_device,
     command_line,
     fail_input,
@@ -134,9 +135,10 @@ def report(
         )
         progress = False if quiet else ClickProgress()
         try:
-            run = run_report(
-                mf, settings, run_json=run_json, command=command_line(), progress=progress, echo=say, saved=saved
-            )
+            with PlainWarnings():
+                run = run_report(
+                    mf, settings, run_json=run_json, command=command_line(), progress=progress, echo=say, saved=saved
+                )
         finally:
             if progress:
                 progress.close()

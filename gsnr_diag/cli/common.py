@@ -29,6 +29,7 @@ __all__ = [
     "command_line",
     "fail_input",
     "library_failure",
+    "PlainWarnings",
     "user_code_failure",
     "write_outputs",
 ]
@@ -116,6 +117,26 @@ class ClickProgress:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
+
+
+class PlainWarnings:
+    """Within it, Python warnings print as one ``warning: ...`` line on stderr (no file and line of ours)."""
+
+    def __enter__(self) -> PlainWarnings:
+        import warnings
+
+        self._saved = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            click.echo(f"warning: {message}", err=True)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import warnings
+
+        warnings.showwarning = self._saved
 
 
 def command_line() -> str:
