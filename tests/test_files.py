@@ -296,3 +296,44 @@ def test_trajectory_load_of_deeply_nested_json(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(TrajectoryFormatError, match="nested too deeply"):
         Trajectory.load(path)
+
+
+@pytest.mark.slow
+def test_sigkilled_control_keeps_both_runs(tmp_path):
+    """SIGKILL while the shuffled-label run trains: the run JSON already holds both runs' snapshots."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "slow.py"
+    model.write_text(
+        TINY.replace("EPOCHS = 2", "EPOCHS = 400").replace(
+            "        return self.body(x)", "        __import__('time').sleep(0.001)\n        return self.body(x)"
+        )
+    )
+    run_json = tmp_path / "r.run.json"
+    cli = "import sys; from gsnr_diag.cli import main; sys.argv[0] = 'gsnr-diag'; main()"
+    cmd = [sys.executable, "-c", cli, "report", str(model), "--out", str(tmp_path / "r.html")]
+    proc = subprocess.Popen([*cmd, "--every", "40", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                control = json.loads(run_json.read_text()).get("control")
+            except (OSError, ValueError):
+                continue
+            if control and len(control["shuffled"]["snapshots"]) >= 2:
+                break
+        assert proc.poll() is None, "the report finished before the control could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = json.loads(run_json.read_text())
+    assert run["metadata"]["partial"] is True and run["control"]["partial"] is True
+    assert len(run["control"]["shuffled"]["snapshots"]) >= 2
+    assert run["control"]["shuffled"]["snapshots"][-1]["step"] < run["control"]["real"]["snapshots"][-1]["step"]
