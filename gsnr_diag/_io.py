@@ -15,9 +15,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import TrajectoryFormatError
+from .errors import OutputError, TrajectoryFormatError
 
-__all__ = ["atomic_write_text", "check_schema_version", "clean_float", "environment_info", "to_plain", "write_json"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_schema_version",
+    "clean_float",
+    "environment_info",
+    "to_plain",
+    "why_unwritable",
+    "write_json",
+]
 
 
 def clean_float(x: Any) -> float | None:
@@ -61,28 +70,53 @@ def to_plain(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed into place.
+def why_unwritable(path: str | os.PathLike[str], exc: OSError) -> str:
+    """A short reason why ``path`` could not be written, naming a parent that is a file rather than a folder."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    return exc.strerror or str(exc)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, renamed into place.
 
     A crash never leaves half a file, and the file gets ordinary permissions (``mkstemp`` makes 0600).
+    Missing folders are created; a path that cannot be written raises :class:`~gsnr_diag.errors.OutputError`
+    naming it (the previous file, if any, is untouched).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; pass a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write there ({why_unwritable(path, exc)}); choose a writable path") from exc
     umask = os.umask(0)
     os.umask(umask)
     try:
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            why = why_unwritable(path, exc)
+            raise OutputError(f"{path}: cannot write it ({why}); the previous file is untouched") from exc
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` as UTF-8 through :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -46,3 +46,7 @@ class ArgumentError(GsnrDiagError, ValueError):
 
 class SlowPathWarning(UserWarning):
     """Per-sample gradients fall back to a batch-of-one loop (exact, but one forward and backward per sample)."""
+
+
+class OutputError(GsnrDiagError, OSError):
+    """An output file could not be written (an unwritable folder, a path through a file, a full disk)."""

@@ -86,7 +86,7 @@ def test_record_matches_gradient_stats_and_fills_snapshot():
     assert mon.trajectory.steps == [0, 3]
     assert mon.trajectory.metadata["task"] == "classification"
     assert mon.trajectory.metadata["param_counts"] == {"0.weight": 80, "0.bias": 16, "3.weight": 48, "3.bias": 3}
-    with pytest.raises(MonitorError, match="numbers"):
+    with pytest.raises(MonitorError, match="expected a number"):
         mon.record(4, note="hello")
 
 

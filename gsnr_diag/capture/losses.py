@@ -191,9 +191,11 @@ def check_batch_mean(loss_fn: Callable, output: Any, y: torch.Tensor) -> None:
                 f"loss_fn: could not be evaluated on the output of a single sample ({type(exc).__name__}: {exc}); "
                 "per-sample gradients (eq. 1) need the loss of one sample alone"
             ) from exc
+    if not all(map(math.isfinite, [batch, *each])):
+        return  # a non-finite loss is the measurement's to report (NonFiniteGradientError or skip_nonfinite)
     mean = sum(each) / n
     scale = sum(abs(v) for v in each) / n + abs(batch)
-    if all(map(math.isfinite, each)) and abs(batch - mean) <= _rtol(leaves[0].dtype) * scale + 1e-30:
+    if abs(batch - mean) <= _rtol(leaves[0].dtype) * scale + 1e-30:
         return
     raise LossError(
         f"loss_fn: on {n} samples it returned {batch:.8g}, but the mean of its values on each sample alone is "

@@ -12,13 +12,22 @@ import click
 from ..errors import GsnrDiagError
 from .common import (
     EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
     MODEL_FILE_HELP,
     ClickProgress,
+    PlainWarnings,
     check_device,
     command_line,
     fail_input,
+    library_failure,
     user_code_failure,
     write_outputs,
+)
+from .outputs import check_outputs
+
+FORCE_HELP = (
+    "Write outputs whose name or existing content is another kind of file (never an input file, "
+    "which is always refused)."
 )
 
 __all__ = ["report", "render"]
@@ -68,6 +77,7 @@ __all__ = ["report", "render"]
     help="Save the run here (updated after every snapshot) [OUT with .run.json].",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages; errors only.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 def report(
     model_file: Path,
     epochs,
@@ -83,6 +93,7 @@ def report(
     pdf: Path | None,
     run_json: Path | None,
     quiet: bool,
+    force: bool,
 ) -> None:
     """Train MODEL_FILE's model, record GSNR along training, and write the report.
 
@@ -96,6 +107,9 @@ def report(
         raise click.UsageError("--full-batch and --batch-size exclude each other")
     if run_json is None:
         run_json = out.with_name(out.stem + ".run.json")
+    outputs = {"--out": (out, "html"), "--pdf": (pdf, "pdf"), "--run-json": (run_json, "run")}
+    check_outputs({"MODEL_FILE": model_file}, {k: v for k, v in outputs.items() if v[0] is not None}, force=force)
+    saved = [run_json]
     say = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     start = time.perf_counter()
     try:
@@ -121,7 +135,10 @@ def report(
         )
         progress = False if quiet else ClickProgress()
         try:
-            run = run_report(mf, settings, run_json=run_json, command=command_line(), progress=progress, echo=say)
+            with PlainWarnings():
+                run = run_report(
+                    mf, settings, run_json=run_json, command=command_line(), progress=progress, echo=say, saved=saved
+                )
         finally:
             if progress:
                 progress.close()
@@ -129,19 +146,30 @@ def report(
         user_code_failure(exc)
         return
     except (ModelFileError, GsnrDiagError) as exc:
-        raise fail_input(exc) from exc
+        raise library_failure(exc, model_file) from exc
     except KeyboardInterrupt:
-        if run_json.exists():
+        if saved[-1].exists():
             click.echo(
-                f"\ninterrupted; what was measured is saved in {run_json} "
-                f"(render it with: gsnr-diag render {shlex.quote(str(run_json))})",
+                f"\ninterrupted; what was measured is saved in {saved[-1]} "
+                f"(render it with: gsnr-diag render {shlex.quote(str(saved[-1]))})",
                 err=True,
             )
         else:
             click.echo("\ninterrupted before the first snapshot; nothing was saved", err=True)
-        sys.exit(130)
-    write_outputs(run, out, pdf, say)
+        sys.exit(EXIT_INTERRUPTED)
+    if saved[-1] != run_json:
+        say(
+            f"the previous, more complete run in {run_json} was kept; this run is in {saved[-1]} "
+            "and the report below is rendered from it"
+        )
+        out, pdf = _beside(out), _beside(pdf)
+    write_outputs(run, out, pdf, say, run_json=saved[-1])
     say(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def _beside(path: Path | None) -> Path | None:
+    """``report.html`` → ``report.incomplete.html``: a partial rerun's report never replaces a finished one."""
+    return None if path is None else path.with_name(path.stem + ".incomplete" + path.suffix)
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -154,7 +182,8 @@ def report(
 )
 @click.option("--pdf", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write this PDF.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def render(run_json: Path, out: Path | None, pdf: Path | None, quiet: bool) -> None:
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def render(run_json: Path, out: Path | None, pdf: Path | None, quiet: bool, force: bool) -> None:
     """Re-render a saved run (from `report --run-json`) without training."""
     from ..report import load_run
 
@@ -167,4 +196,6 @@ def render(run_json: Path, out: Path | None, pdf: Path | None, quiet: bool) -> N
         name = run_json.name
         stem = name[: -len(".run.json")] if name.endswith(".run.json") else run_json.stem
         out = run_json.with_name(stem + ".html")
+    outputs = {"--out": (out, "html"), "--pdf": (pdf, "pdf")}
+    check_outputs({"RUN_JSON": run_json}, {k: v for k, v in outputs.items() if v[0] is not None}, force=force)
     write_outputs(run, out, pdf, say)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import GsnrDiagError
-from .common import EXIT_CODES_HELP, MODEL_FILE_HELP, InputError, check_device, fail_input, user_code_failure
+from .common import EXIT_CODES_HELP, MODEL_FILE_HELP, InputError, check_device, library_failure, user_code_failure
 
 __all__ = ["stats"]
 
@@ -64,31 +64,46 @@ def stats(model_file: Path, weights: Path | None, device: str, seed: int, batch_
         user_code_failure(exc)
         return
     except (ModelFileError, GsnrDiagError) as exc:
-        raise fail_input(exc) from exc
+        raise library_failure(exc, model_file) from exc
     where = f"weights {weights}" if weights is not None else f"initialization (seed {seed})"
     click.echo(f"{model_file} at {where}, on the {'test' if use_test else 'training'} set:\n")
     click.echo(result.summary())
 
 
 def _load_weights(model, path: Path) -> None:
-    import pickle
-
     import torch
 
     if not path.exists():
         raise InputError(f"--weights {path}: no such file")
+    if path.is_dir():
+        raise InputError(f"--weights {path}: is a directory; pass a checkpoint file")
+    hint = "save one with torch.save(model.state_dict(), path)"
+    if path.stat().st_size == 0:
+        raise InputError(f"--weights {path}: the file is empty; {hint}")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
-            f"--weights {path}: cannot be loaded with weights_only=True ({str(exc).splitlines()[0]}); "
-            "save a state_dict with torch.save(model.state_dict(), path)"
-        ) from exc
+            f"--weights {path}: not a PyTorch checkpoint loadable with weights_only=True "
+            f"({type(exc).__name__}: {first[:200]}); {hint}"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise InputError(f"--weights {path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    bad_keys = [k for k in state if not isinstance(k, str)]
+    if bad_keys:
+        raise InputError(
+            f"--weights {path}: a state_dict maps parameter names (strings) to tensors, but this dict has "
+            f"key(s) {bad_keys[:5]!r}; {hint}"
+        )
+    bad_values = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad_values:
+        raise InputError(
+            f"--weights {path}: {bad_values[:5]} hold {type(state[bad_values[0]]).__name__}, not tensors; {hint}"
+        )
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise InputError(f"--weights {path}: does not match build_model()'s model:\n{exc}") from exc
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise InputError(f"--weights {path}: does not match build_model()'s model:\n{exc}") from None

@@ -49,6 +49,7 @@ __all__ = [
     "ModelFile",
     "load_model_file",
     "call_user",
+    "user_cause",
     "split_data",
     "MINIMAL_EXAMPLE",
 ]
@@ -136,6 +137,22 @@ def user_traceback(exc: BaseException, user_files: tuple[str, ...] = ()) -> str:
 def traceback_enters(exc: BaseException, files: tuple[str, ...]) -> bool:
     """Whether any frame of ``exc``'s traceback is in one of ``files`` (absolute paths)."""
     return any(os.path.abspath(fr.filename) in files for fr in traceback.extract_tb(exc.__traceback__))
+
+
+def user_cause(exc: BaseException, files: tuple[str, ...]) -> BaseException | None:
+    """The first exception in ``exc``'s cause/context chain raised through one of ``files``, if any.
+
+    gsnr-diag wraps a failure of the user's ``forward`` in a :class:`~gsnr_diag.errors.ModelError`
+    (saying which chunk failed); the user's own traceback is on the wrapped exception.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if traceback_enters(current, files):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def call_user(fn: Callable[..., Any], where: str, *args: Any, user_files: tuple[str, ...] = (), **kwargs: Any) -> Any:

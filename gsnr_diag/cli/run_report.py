@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .._io import environment_info
-from ..report.run import new_run, save_run
-from .modelfile import ModelFile, UserCodeError, call_user, traceback_enters, user_traceback
+from .modelfile import ModelFile, ModelFileError, UserCodeError, call_user, traceback_enters, user_traceback
+from .runfile import RunFile
 
-__all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "DEFAULTS"]
+__all__ = ["ReportSettings", "resolve_settings", "run_report", "layer_extras", "loader_batches", "DEFAULTS"]
 
 DEFAULTS = {"epochs": 10, "lr": 0.01, "batch_size": 64, "seed": 0, "device": "cpu"}
 TARGET_SNAPSHOTS = 30
@@ -131,30 +131,6 @@ def _schedule(total_steps: int, every: int | None):
     return _Auto(), repr(_Auto())
 
 
-class _RunFile:
-    """The run being measured and its JSON file, re-saved as parts arrive."""
-
-    def __init__(self, path: Path, metadata: dict[str, Any]):
-        self.path = path
-        self.metadata = metadata
-        self.trajectory: Any = None
-        self.control: Any = None
-        self.osgr: list[Any] | None = None
-        self.final_stats: dict[str, Any] | None = None
-
-    def save(self, partial: bool = True, stopped: str | None = None) -> dict[str, Any]:
-        meta = dict(self.metadata)
-        if partial:
-            meta["partial"] = True
-        if stopped:
-            meta["stopped"] = stopped
-        run = new_run(
-            self.trajectory, control=self.control, osgr=self.osgr, final_stats=self.final_stats, metadata=meta
-        )
-        save_run(run, self.path)
-        return run
-
-
 def run_report(
     mf: ModelFile,
     settings: ReportSettings,
@@ -163,11 +139,13 @@ def run_report(
     command: str,
     progress: bool | Callable[[int, int], None] = True,
     echo: Callable[[str], None] = lambda s: None,
+    saved: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Train, monitor, run the control and the OSGR experiment; save and return the run dict.
 
     ``progress`` goes to :func:`~gsnr_diag.dynamics.training.train` (the CLI passes a click
-    progress bar); ``echo`` prints a status line.
+    progress bar); ``echo`` prints a status line. The run JSON is never made less complete
+    (:class:`~gsnr_diag.cli.runfile.RunFile`); ``saved`` (a list) gets the path last written.
     """
     import torch
     from torch import nn
@@ -175,7 +153,7 @@ def run_report(
     from ..data import count_samples
     from ..dynamics.monitor import infer_task
     from ..errors import DataError
-    from ..experiments.control import shuffled_label_control
+    from ..experiments.control import partial_control, shuffled_label_control
     from ..experiments.monitored import monitored_run
 
     torch.manual_seed(settings.seed)
@@ -194,12 +172,17 @@ def run_report(
             "(from TASK, the loss, or float targets)"
         )
 
+    train_data, batch_sampler = loader_batches(train_data, settings)
     n_train = count_samples(train_data)
     steps_per_epoch = 1 if settings.batch_size is None or not n_train else math.ceil(n_train / settings.batch_size)
+    if batch_sampler is not None:
+        steps_per_epoch = len(batch_sampler)
+    if settings.sources.get("batch_size") == "the DataLoader from load_data()":
+        echo(f"batch size {settings.batch_size} and sampler: those of the DataLoader (--batch-size overrides)")
     schedule, schedule_text = _schedule(settings.epochs * steps_per_epoch, settings.every)
     env = environment_info()
     loss_name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__name__", "loss_fn")
-    run = _RunFile(
+    run = RunFile(
         run_json,
         {
             "model": f"{mf.name} ({type(model).__name__})",
@@ -228,17 +211,34 @@ def run_report(
     )
 
     def user_optimizer(params: list[Any]) -> Any:
-        return call_user(mf.make_optimizer, f"make_optimizer() in {mf.path.name}", params, user_files=mf.user_files)
+        opt = call_user(mf.make_optimizer, f"make_optimizer() in {mf.path.name}", params, user_files=mf.user_files)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ModelFileError(
+                f"{mf.path}: make_optimizer(params) returned {type(opt).__name__} {opt!r:.60}; it must return a "
+                "torch.optim.Optimizer over the parameters it is given, e.g. torch.optim.SGD(params, lr=LR)",
+                example=False,
+            )
+        return opt
 
     last_real: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
 
     def on_snapshot(label: str, snapshot: Any, monitor: Any) -> None:
         if snapshot.step == 0 and run_control:
             echo(f"training on {label} labels{' (the control)' if label == 'shuffled' else ''} ...")
-        if label == "real":  # the control's shuffled run is saved once it is complete
+        runs[label] = monitor.trajectory
+        if label == "real":
             run.trajectory = monitor.trajectory
             last_real["stats"] = monitor.last_stats
-            run.save()
+        else:  # the control so far: the finished real-label run and the shuffled one up to now
+            run.control = partial_control(runs["real"], monitor.trajectory, label_noise=1.0)
+        save()
+
+    def save(**kw: Any) -> dict[str, Any]:
+        result = run.save(**kw)
+        if saved is not None and run.saved_to is not None:
+            saved.append(run.saved_to)
+        return result
 
     common = {
         "epochs": settings.epochs,
@@ -247,8 +247,8 @@ def run_report(
         "test_data": test_data,
         "make_optimizer": user_optimizer if mf.make_optimizer is not None else None,
         "on_snapshot": on_snapshot,
-        "batch_size": settings.batch_size,
         "progress": progress,
+        **({"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": settings.batch_size}),
     }
     try:
         if run_control:
@@ -282,25 +282,49 @@ def run_report(
             except Exception:  # the layer table then shows '–'
                 pass
             run.final_stats = agg
-        run.save()
+        save()
         if settings.osgr_sets:
             echo(f"OSGR experiment with M = {settings.osgr_sets} training sets ...")
             run.osgr = [_run_osgr(mf, train_data, loss_fn, settings, n_train)]
-            run.save()
+            save()
     except KeyboardInterrupt:
-        run.save(stopped="interrupted (Ctrl-C)")
+        save(stopped="interrupted (Ctrl-C)")
         raise
     except UserCodeError:
-        run.save(stopped="the model file raised an exception")
+        save(stopped="the model file raised an exception")
         raise
     except Exception as exc:
         if traceback_enters(exc, mf.user_files):
-            run.save(stopped=f"the model file raised {type(exc).__name__}")
+            save(stopped=f"the model file raised {type(exc).__name__}")
             raise UserCodeError(f"code in {mf.path.name}", exc, user_traceback(exc, mf.user_files)) from exc
-        run.save(stopped=f"{type(exc).__name__}: {exc}")
+        save(stopped=f"{type(exc).__name__}: {exc}")
         raise
     stopped = run.trajectory.metadata.get("stopped") if run.trajectory is not None else None
-    return run.save(partial=bool(stopped), stopped=stopped)
+    return save(partial=bool(stopped), stopped=stopped)
+
+
+def loader_batches(train_data: Any, settings: ReportSettings) -> tuple[Any, Any]:
+    """A DataLoader from ``load_data()`` keeps its batch size and sampler unless ``--batch-size`` or
+    ``--full-batch`` is given: ``(its dataset, its batch_sampler)``; otherwise ``(train_data, None)``.
+
+    A loader over an IterableDataset (no sampler to reuse) or with its own ``collate_fn`` keeps its batch
+    size only. ``settings`` is updated to say where the batch size came from.
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if not isinstance(train_data, DataLoader) or settings.sources.get("batch_size") == "command line":
+        return train_data, None
+    if train_data.batch_size is None:  # automatic batching off: the loader yields whole batches itself
+        return train_data, None
+    settings.batch_size = train_data.batch_size
+    settings.sources["batch_size"] = "the DataLoader from load_data()"
+    from torch.utils.data import default_collate
+
+    if isinstance(train_data.dataset, IterableDataset) or train_data.batch_sampler is None:
+        return train_data, None
+    if train_data.collate_fn is not default_collate:  # its batches are not rows of the dataset: keep the size
+        return train_data, None
+    return train_data.dataset, train_data.batch_sampler
 
 
 def _run_osgr(mf: ModelFile, train_data: Any, loss_fn: Any, settings: ReportSettings, n_train: int | None) -> Any:

@@ -34,6 +34,7 @@ from ..data import call_model, check_reiterable, count_samples, iter_batches
 from ..errors import MonitorError
 from ..measure import gradient_stats, model_device, preserved_state
 from ..validate import check_loss_fn, check_model
+from .jsonl_file import append_line, open_jsonl
 from .schedules import Schedule, _as_schedule, linear, logarithmic
 from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
 
@@ -162,8 +163,11 @@ class Monitor:
         every: an int k (record every k steps) or a schedule ``step -> bool`` (:func:`linear`,
             :func:`logarithmic`).
         batch_size: chunk size for the measurement (memory bound).
-        path: if given, each snapshot is appended to this JSONL file at once (the file is
-            truncated at construction), so a killed run keeps every finished snapshot.
+        path: if given, each snapshot is appended to this JSONL file at once, so a killed run keeps
+            every finished snapshot. An existing file is never emptied: a gsnr-diag JSONL of the same
+            run (same model class, parameter counts and training-set size) is resumed — its snapshots
+            are loaded and new ones appended, at later steps only; any other file is refused with a
+            :class:`~gsnr_diag.errors.MonitorError` naming it (``overwrite=True`` replaces it).
         signs: count gradient signs (same-sign fraction); a little slower.
         task: ``"classification"`` (accuracies recorded) or ``"regression"``; inferred from the
             loss function or the target dtype when ``None``.
@@ -174,6 +178,7 @@ class Monitor:
             statistics of the union. ``record`` is then a collective: call it on every rank at the
             same steps (give ``path`` on one rank only).
         process_group: the ``torch.distributed`` group for ``distributed=True`` (default: the world).
+        overwrite: replace an existing ``path`` instead of resuming or refusing it.
     """
 
     def __init__(
@@ -192,6 +197,7 @@ class Monitor:
         metadata: dict[str, Any] | None = None,
         distributed: bool = False,
         process_group: Any = None,
+        overwrite: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -219,9 +225,15 @@ class Monitor:
         self._header_written = False
         self._start = time.perf_counter()
         self.trajectory = Trajectory(metadata=self._initial_metadata(metadata or {}))
+        self._resumed_until: int | None = None
+        self._resume_noted = False
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("", encoding="utf-8")
+            previous = open_jsonl(self.path, self.trajectory.metadata, overwrite=bool(overwrite))
+            if previous is not None:
+                self.trajectory.snapshots = list(previous.snapshots)
+                self.trajectory.metadata = {**previous.metadata, **self.trajectory.metadata}
+                self._header_written = True
+                self._resumed_until = max(previous.steps, default=-1)
 
     def _initial_metadata(self, extra: dict[str, Any]) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -264,10 +276,7 @@ class Monitor:
 
     def _append(self, line: str) -> None:
         assert self.path is not None
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, line)
 
     def record(self, step: int, *, epoch: float | None = None, **extra: float) -> Snapshot:
         """Measure at the current weights, append a :class:`Snapshot` (and a JSONL line) and return it.
@@ -276,9 +285,12 @@ class Monitor:
         """
         if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
             raise MonitorError(f"step: expected a non-negative int, got {step!r}")
-        bad = {k: v for k, v in extra.items() if not isinstance(v, (int, float, np.number, torch.Tensor))}
-        if bad:
-            raise MonitorError(f"record(**extra): values must be numbers, got {bad!r}")
+        _check_extra(extra)
+        if self._resumed_until is not None and step <= self._resumed_until:
+            raise MonitorError(
+                f"record(step={step}): {self.path} already holds this run up to step {self._resumed_until}; "
+                "a resumed run records later steps only (pass overwrite=True to start the file afresh)"
+            )
         if self.task is None:
             self.task = infer_task(self.loss_fn, self.data)
             self.trajectory.metadata["task"] = self.task
@@ -343,5 +355,21 @@ class Monitor:
             if not self._header_written:
                 self._append(header_line(self.trajectory.metadata))
                 self._header_written = True
+            elif self._resumed_until is not None and not self._resume_noted:
+                self._append(metadata_line({"resumed_at_step": int(step)}))
+                self._resume_noted = True
             self._append(snapshot_line(snap))
         return snap
+
+
+def _check_extra(extra: dict[str, Any]) -> None:
+    """``record(**extra)`` values must be single numbers (a Python/numpy number or a one-element tensor/array)."""
+    for k, v in extra.items():
+        if not isinstance(v, (int, float, np.number, np.ndarray, torch.Tensor)):
+            raise MonitorError(f"record({k}=...): expected a number, got a {type(v).__name__} ({v!r:.60})")
+        size = v.numel() if isinstance(v, torch.Tensor) else getattr(v, "size", 1)
+        if size != 1:
+            raise MonitorError(
+                f"record({k}=...): expected a single number, got a {type(v).__name__} of shape {tuple(v.shape)}; "
+                f"pass one value, e.g. {k}=float(value[0])"
+            )

@@ -8,8 +8,9 @@
   two runs with the same seed see the same batch order).
 
 The monitor records at step 0 (before any update), whenever its schedule says so, and at the
-last step. A non-finite loss stops training with a :class:`NonFiniteLossWarning` and the
-trajectory recorded so far is kept (``metadata["stopped"]`` says why).
+last step. A diverging run — a NaN/inf loss, or NaN/inf per-sample gradients at a snapshot after
+step 0 — stops training with a :class:`NonFiniteLossWarning`, and the trajectory recorded so far is
+kept (``metadata["stopped"]`` says why).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data import Inputs, call_model, check_reiterable, count_samples, iter_batches, tree_map
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, NonFiniteGradientError
 from ..measure import model_device
 from ..validate import check_loss_fn, check_model, check_optimizer
 from .monitor import Monitor
@@ -140,6 +141,7 @@ def train(
     test_data: Any = None,
     seed: int = 0,
     progress: bool | Progress = True,
+    batch_sampler: Any = None,
 ) -> Trajectory | None:
     """Train ``model`` in place; return the monitor's trajectory (``None`` without a monitor).
 
@@ -161,6 +163,10 @@ def train(
         progress: ``True``: a text progress bar on stderr (:class:`StderrProgress`); ``False``: none;
             or a callable ``progress(done, total)`` (e.g. driving the CLI's click progress bar),
             called with 0 before the first update and after every optimizer update.
+        batch_sampler: instead of ``batch_size``, an iterable of index lists into ``data``'s samples
+            in dataset order — e.g. a ``DataLoader``'s ``batch_sampler``, so its batch size, sampler
+            and ``drop_last`` are honoured. It is iterated afresh each epoch with torch's RNG seeded
+            from ``seed`` and the epoch (restored afterwards), so two runs see the same batches.
 
     The model is left in the train/eval mode it came in.
     """
@@ -187,8 +193,18 @@ def train(
         check_reiterable(test_data, "test_data", "the monitor evaluates it at every snapshot")
     device = model_device(model)
 
-    full_batch = batch_size is None
-    if full_batch:
+    if batch_sampler is not None and batch_size is not None:
+        raise DataError("batch_sampler: pass either batch_size or batch_sampler, not both")
+    full_batch = batch_size is None and batch_sampler is None
+    epoch_batches = None
+    if batch_sampler is not None:
+        X, Y = materialize(data)
+        X = tree_map(lambda t: t.to(device), X)
+        Y = Y.to(device)
+        n = int(Y.shape[0])
+        epoch_batches = _sampled_batches(batch_sampler, seed, n, device)
+        steps_per_epoch = len(epoch_batches(0))
+    elif full_batch:
         n = count_samples(data)
         steps_per_epoch = 1
         X = Y = None
@@ -209,9 +225,11 @@ def train(
             settings={
                 "epochs": epochs,
                 "lr": lr,
-                "batch_size": batch_size,
+                "batch_size": batch_size if batch_sampler is None else getattr(batch_sampler, "batch_size", None),
                 "optimizer": type(optimizer).__name__,
-                "algorithm": "full-batch GD" if full_batch else "mini-batch SGD",
+                "algorithm": "full-batch GD"
+                if full_batch
+                else "mini-batch SGD" + (" (the DataLoader's batches)" if batch_sampler is not None else ""),
                 "steps": total,
             },
         )
@@ -229,6 +247,8 @@ def train(
         for epoch in range(epochs):
             if full_batch:
                 batches = [None]
+            elif epoch_batches is not None:
+                batches = epoch_batches(epoch)
             else:
                 perm = torch.randperm(n, generator=generator).to(device)
                 batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -258,16 +278,59 @@ def train(
                     on_progress(step, total)
                 if monitor is not None and monitor.should_record(step):
                     _restore_modes(modes)
-                    monitor.record(step, epoch=step / steps_per_epoch, batch_loss=loss_value)
+                    if not _record_or_stop(monitor, step, lr, epoch=step / steps_per_epoch, batch_loss=loss_value):
+                        return monitor.trajectory
                     last_recorded = step
         if monitor is not None and last_recorded != step:
             _restore_modes(modes)
-            monitor.record(step, epoch=step / steps_per_epoch)
+            if not _record_or_stop(monitor, step, lr, epoch=step / steps_per_epoch):
+                return monitor.trajectory
     finally:
         if isinstance(on_progress, StderrProgress):
             on_progress.close()
         _restore_modes(modes)
     return monitor.trajectory if monitor is not None else None
+
+
+def _sampled_batches(batch_sampler: Any, seed: int, n: int, device: Any) -> Callable[[int], list[torch.Tensor]]:
+    """``epoch -> index tensors`` drawn from ``batch_sampler`` under a seeded, restored torch RNG."""
+    cache: dict[int, list[torch.Tensor]] = {}
+
+    def draw(epoch: int) -> list[torch.Tensor]:
+        if epoch not in cache:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + epoch)
+                batches = [torch.as_tensor(list(b), dtype=torch.long) for b in batch_sampler]
+            bad = [int(b.max()) for b in batches if b.numel() and (int(b.max()) >= n or int(b.min()) < 0)]
+            if bad:
+                raise DataError(f"batch_sampler: index {bad[0]} is outside the {n} training samples")
+            if not batches:
+                raise DataError("batch_sampler: it yielded no batches")
+            cache.clear()
+            cache[epoch] = [b.to(device) for b in batches]
+        return cache[epoch]
+
+    return draw
+
+
+def _record_or_stop(monitor: Monitor, step: int, lr: float, **kw: Any) -> bool:
+    """Record a snapshot; ``False`` (with a :class:`NonFiniteLossWarning`) when training has diverged.
+
+    After step 0, per-sample gradients that are NaN/inf mean the run diverged (weights or activations
+    overflowed, possibly while the loss was still finite): training stops as for a NaN/inf loss, keeping
+    the trajectory recorded so far. At step 0 the same error is a problem of the data or the loss, raised.
+    """
+    try:
+        monitor.record(step, **kw)
+    except NonFiniteGradientError as exc:
+        msg = (
+            f"training stopped: the gradients at step {step} are NaN/inf, the run diverged; lr={lr} may be too "
+            f"large. The trajectory recorded so far ({len(monitor.trajectory)} snapshot(s)) is kept. ({exc})"
+        )
+        warnings.warn(msg, NonFiniteLossWarning, stacklevel=3)
+        monitor.update_metadata(stopped=msg)
+        return False
+    return True
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:

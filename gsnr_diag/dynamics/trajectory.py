@@ -251,22 +251,26 @@ class Trajectory:
         if not stripped:
             raise TrajectoryFormatError(f"{path}: the file is empty")
         if path.suffix == ".jsonl" or _looks_like_jsonl(stripped):
-            return _load_jsonl(path, text)
+            try:
+                return _load_jsonl(path, text)
+            except RecursionError:
+                raise TrajectoryFormatError(f"{path}: a line is nested too deeply to be a trajectory") from None
         try:
             d = json.loads(text)
+            return cls.from_dict(d)
         except json.JSONDecodeError as exc:
             raise TrajectoryFormatError(f"{path}: not valid JSON ({exc})") from exc
-        try:
-            return cls.from_dict(d)
         except TrajectoryFormatError as exc:
             raise TrajectoryFormatError(f"{path}: {exc}") from exc
+        except RecursionError:
+            raise TrajectoryFormatError(f"{path}: the JSON is nested too deeply to be a trajectory") from None
 
 
 def _looks_like_jsonl(text: str) -> bool:
     first = text.split("\n", 1)[0]
     try:
         d = json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return isinstance(d, dict) and d.get("kind") == HEADER_KIND
 

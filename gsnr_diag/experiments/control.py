@@ -27,6 +27,7 @@ __all__ = [
     "gsnr_ratio",
     "control_verdict",
     "build_seeded",
+    "partial_control",
     "check_classification",
 ]
 
@@ -68,6 +69,21 @@ def build_seeded(build_model: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+def partial_control(real: Any, shuffled: Any, label_noise: float) -> dict[str, Any]:
+    """The control while (or after) its shuffled-label run was cut short, as a run-JSON dict.
+
+    The ratio and verdict cover the steps both runs reached; ``"partial": True`` marks it, and the
+    verdict says how far the shuffled run got, so a report never presents it as a finished control.
+    """
+    result = ControlResult.from_runs(real, shuffled, label_noise)
+    reached = max(shuffled.steps, default=None)
+    planned = max(real.steps, default=None)
+    d = result.to_dict()
+    d["partial"] = True
+    d["verdict"] = f"partial control (the shuffled-label run reached step {reached} of {planned}): " + d["verdict"]
+    return d
+
+
 def shuffled_label_control(
     build_model: Callable[[], nn.Module] | nn.Module,
     data: Any,
@@ -97,16 +113,16 @@ def shuffled_label_control(
             trainable parameters; default plain SGD at ``lr``.
         on_snapshot: ``on_snapshot(label, snapshot, monitor)`` after every snapshot, ``label`` being
             ``"real"`` or ``"shuffled"`` (e.g. to save progress as it goes).
-        train_kw: ``batch_size`` and ``progress`` go to :func:`~gsnr_diag.dynamics.training.train`;
-            ``every``, ``signs``, ``mode`` and ``monitor_batch_size`` (the measurement chunk) to the
-            :class:`~gsnr_diag.dynamics.monitor.Monitor`s.
+        train_kw: ``batch_size`` (or ``batch_sampler``) and ``progress`` go to
+            :func:`~gsnr_diag.dynamics.training.train`; ``every``, ``signs``, ``mode`` and
+            ``monitor_batch_size`` (the measurement chunk) to the :class:`~gsnr_diag.dynamics.monitor.Monitor`s.
     """
     X, Y = materialize(data)
     check_classification(Y, "shuffled_label_control")
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss)):
         raise DataError("shuffled_label_control is for classification only; got a regression loss")
-    unknown = set(train_kw) - set(MONITOR_KEYS) - {"batch_size", "progress"}
+    unknown = set(train_kw) - set(MONITOR_KEYS) - {"batch_size", "batch_sampler", "progress"}
     if unknown:
         raise ModelError(f"shuffled_label_control: unknown keyword(s) {sorted(unknown)}")
     monitor_kw = {k: train_kw.pop(k) for k in MONITOR_KEYS if k in train_kw}

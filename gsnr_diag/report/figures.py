@@ -49,7 +49,27 @@ _RC = {
     "axes.grid": True,
     "grid.alpha": 0.3,
     "image.cmap": "viridis",
+    "text.usetex": False,  # user strings are drawn literally (see literal()), never through LaTeX
 }
+
+#: What a log axis or the log colour scale spans; values outside are drawn at its ends (log ticks far
+#: beyond it overflow a float). A linear axis spans ±LOG_RANGE[1] alike. Tables print the true values.
+LOG_RANGE = (1e-100, 1e100)
+
+
+def drawable(value: float, log: bool = False) -> float:
+    """``value`` clamped into what an axis can draw (see :data:`LOG_RANGE`)."""
+    lo, hi = LOG_RANGE
+    return min(max(value, lo), hi) if log else min(max(value, -hi), hi)
+
+
+def literal(text: str) -> str:
+    """``text`` drawn as written: every ``$`` escaped, so matplotlib never parses a user's name as math.
+
+    A module or parameter named ``$x$`` (or a setting holding ``$``) would otherwise be typeset as
+    mathtext — or break rendering for good when it is not valid mathtext.
+    """
+    return str(text).replace("$", r"\$")
 
 
 class Series:
@@ -79,8 +99,8 @@ class Series:
             a, b = float(a), float(b)
             if not (math.isfinite(a) and math.isfinite(b)) or (log and b <= 0):
                 continue
-            xs.append(a)
-            ys.append(b)
+            xs.append(drawable(a))
+            ys.append(drawable(b, log))
         return xs, ys
 
 
@@ -152,19 +172,19 @@ def line_figure(
                 markersize=3.5,
                 markevery=max(1, n // 12) if n else 1,
                 linewidth=1.4,
-                label=s.label,
+                label=literal(s.label),
             )
             handles.append(h)
         if log:
             ax.set_yscale("log")
         if hline is not None:
             value, label = hline
-            h = ax.axhline(value, color="#555555", linestyle=(0, (2, 2)), linewidth=1.0, label=label)
+            h = ax.axhline(value, color="#555555", linestyle=(0, (2, 2)), linewidth=1.0, label=literal(label))
             handles.append(h)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(literal(xlabel))
+        ax.set_ylabel(literal(ylabel))
         if ax2 is not None and right_ylabel:
-            ax2.set_ylabel(right_ylabel)
+            ax2.set_ylabel(literal(right_ylabel))
         if handles:
             # Below the axes, outside the data: never hides a curve.
             fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), frameon=False)
@@ -206,21 +226,23 @@ def heatmap_figure(
         ax.patch.set_hatch("////")
         ax.patch.set_edgecolor("#bbbbbb")
         if finite.size:
-            lo, hi = float(finite.min()), float(finite.max())
+            data = np.clip(data, LOG_RANGE[0], LOG_RANGE[1])
+            masked = np.ma.masked_invalid(data)
+            lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
             if hi <= lo:
-                hi = lo * 10.0
+                lo, hi = (lo / 10.0, hi) if lo >= LOG_RANGE[1] / 10 else (lo, lo * 10.0)
             norm = LogNorm(vmin=lo, vmax=hi)
             mesh = ax.imshow(masked, aspect="auto", interpolation="nearest", norm=norm, cmap="viridis")
             cb = fig.colorbar(mesh, ax=ax, pad=0.01)
-            cb.set_label(colorbar_label)
+            cb.set_label(literal(colorbar_label))
         ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([_short(r) for r in rows])
+        ax.set_yticklabels([literal(_short(r)) for r in rows])
         n = len(steps)
         if n:
             idx = sorted(set(np.linspace(0, n - 1, num=min(n, 8)).round().astype(int).tolist()))
             ax.set_xticks(idx)
-            ax.set_xticklabels([str(steps[i]) for i in idx])
-        ax.set_xlabel(xlabel)
+            ax.set_xticklabels([literal(str(steps[i])) for i in idx])
+        ax.set_xlabel(literal(xlabel))
         return _to_svg(fig)
 
 
@@ -239,7 +261,7 @@ def scatter_figure(
         allv: list[float] = []
         for i, (label, xs, ys) in enumerate(groups):
             pts = [
-                (float(a), float(b))
+                (drawable(float(a)), drawable(float(b)))
                 for a, b in zip(xs, ys)
                 if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
             ]
@@ -248,7 +270,7 @@ def scatter_figure(
             color, _, marker = _STYLES[i % len(_STYLES)]
             xs_, ys_ = [p[0] for p in pts], [p[1] for p in pts]
             if marker in ("x", "+"):  # unfilled markers take a plain colour
-                ax.scatter(xs_, ys_, s=22, marker=marker, color=color, linewidths=1.0, label=label)
+                ax.scatter(xs_, ys_, s=22, marker=marker, color=color, linewidths=1.0, label=literal(label))
             else:  # alternate filled / hollow so groups differ in grayscale too
                 ax.scatter(
                     xs_,
@@ -258,7 +280,7 @@ def scatter_figure(
                     facecolors="none" if i % 2 else color,
                     edgecolors=color,
                     linewidths=1.0,
-                    label=label,
+                    label=literal(label),
                 )
             allv += [v for p in pts for v in p]
         if allv:
@@ -272,10 +294,10 @@ def scatter_figure(
                 linewidth=1.0,
                 label="y = x",
             )
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(literal(xlabel))
+        ax.set_ylabel(literal(ylabel))
         if title:
-            ax.set_title(title)
+            ax.set_title(literal(title))
         ax.legend(loc="best", frameon=True, framealpha=0.85)
         return _to_svg(fig)
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 from .run import validate_run
 from .verdicts import THRESHOLDS
 from .viewmodel import build_view
@@ -54,7 +54,9 @@ def write_html(html: str, path: str | os.PathLike[str]) -> Path:
 
 
 def render_pdf(html: str, path: str | os.PathLike[str]) -> Path:
-    """Print the report HTML to a PDF with weasyprint (the print CSS gives A4 and page numbers)."""
+    """Print the report HTML to a PDF with weasyprint (the print CSS gives A4 and page numbers).
+
+    Written atomically (temp file + rename), like every output."""
     import logging
 
     import weasyprint
@@ -62,7 +64,5 @@ def render_pdf(html: str, path: str | os.PathLike[str]) -> Path:
     # weasyprint logs every unsupported CSS property at WARNING; they are cosmetic here.
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weasyprint.HTML(string=html, base_url=None).write_pdf(str(path))
-    return path
+    data = weasyprint.HTML(string=html, base_url=None).write_pdf()
+    return atomic_write_bytes(path, data)

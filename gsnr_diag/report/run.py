@@ -22,6 +22,7 @@ from typing import Any
 
 from .._io import check_schema_version, clean_float, to_plain, write_json
 from ..errors import TrajectoryFormatError
+from .schema import check_run
 
 __all__ = [
     "RUN_SCHEMA_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "new_run",
     "save_run",
     "load_run",
+    "parse_json",
     "validate_run",
     "to_plain",
     "run_metadata",
@@ -80,18 +82,7 @@ def validate_run(run: Any, source: str = "run") -> dict[str, Any]:
             "make one with `gsnr-diag report MODEL_FILE --run-json run.json`"
         )
     check_schema_version(run, RUN_SCHEMA_VERSION, source)
-    traj = run.get("trajectory")
-    if traj is not None:
-        if not isinstance(traj, dict) or not isinstance(traj.get("snapshots", []), list):
-            raise TrajectoryFormatError(f'{source}: "trajectory" must be an object with a "snapshots" list')
-        for i, s in enumerate(traj.get("snapshots", [])):
-            if not isinstance(s, dict) or "step" not in s:
-                raise TrajectoryFormatError(f'{source}: snapshot {i} is not an object with a "step"')
-    for key in ("control", "final_stats", "metadata"):
-        if run.get(key) is not None and not isinstance(run[key], dict):
-            raise TrajectoryFormatError(f'{source}: "{key}" must be an object or null')
-    if run.get("osgr") is not None and not isinstance(run["osgr"], list):
-        raise TrajectoryFormatError(f'{source}: "osgr" must be a list or null')
+    check_run(run, source)
     return run
 
 
@@ -99,14 +90,31 @@ def load_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate a run JSON written by :func:`save_run`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise TrajectoryFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return validate_run(parse_json(data, path), str(path))
+
+
+def parse_json(data: bytes, path: str | os.PathLike[str]) -> Any:
+    """``data`` (UTF-8 JSON text) parsed; :class:`TrajectoryFormatError` naming ``path`` if it is not."""
     try:
-        run = json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrajectoryFormatError(
+            f"{path}: not a text file in UTF-8 (byte {exc.start} is 0x{data[exc.start]:02x}); "
+            "a run JSON is what `gsnr-diag report --run-json` writes"
+        ) from None
+    if not text.strip():
+        raise TrajectoryFormatError(f"{path}: the file is empty")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TrajectoryFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    return validate_run(run, str(path))
+        raise TrajectoryFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise TrajectoryFormatError(f"{path}: the JSON is nested too deeply to be a gsnr-diag run") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise TrajectoryFormatError(f"{path}: not valid JSON ({exc})") from None
 
 
 # ----------------------------------------------------------------------------- reading a run dict

@@ -153,6 +153,13 @@ def build_view(run: dict[str, Any]) -> ReportView:
             + (f" ({meta.get('stopped')})" if meta.get("stopped") else "")
             + ": the report shows what was measured before it stopped."
         )
+    control = run.get("control") or {}
+    if control.get("partial"):
+        notes.append(
+            "The shuffled-label control did not finish: "
+            + str(control.get("verdict") or "").split(": ", 1)[0].removeprefix("partial control (").rstrip(")")
+            + "; its ratios cover the steps both runs reached."
+        )
     return ReportView(
         title=f"GSNR report: {model}",
         model=model,
