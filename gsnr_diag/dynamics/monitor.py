@@ -152,6 +152,9 @@ class Monitor:
             loss function or the target dtype when ``None``.
         mode: measurement mode passed to :func:`~gsnr_diag.gradient_stats` (``"eval"`` default).
         metadata: extra metadata for the trajectory (e.g. ``{"label": "real"}``).
+        on_snapshot: optional ``callable(snapshot)`` called after each recorded :class:`Snapshot` is
+            appended (and written); send snapshots anywhere (a logger, TensorBoard, W&B). Its exceptions
+            propagate.
     """
 
     def __init__(
@@ -168,11 +171,17 @@ class Monitor:
         task: str | None = None,
         mode: str = "eval",
         metadata: dict[str, Any] | None = None,
+        on_snapshot: Callable[[Snapshot], Any] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if task is not None and task not in TASKS:
             raise MonitorError(f"task: expected 'classification', 'regression' or None, got {task!r}")
+        # --- on_snapshot (delimited: the argument check and the one call at the end of record) ---
+        if on_snapshot is not None and not callable(on_snapshot):
+            raise MonitorError(f"on_snapshot: expected a callable(snapshot) or None, got {type(on_snapshot).__name__}")
+        self.on_snapshot = on_snapshot
+        # --- end on_snapshot ---
         self.model = model
         self.data = data
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -299,6 +308,10 @@ class Monitor:
             elapsed=time.perf_counter() - self._start,
             undefined=stats.undefined,
             extra={k: clean_float(float(v)) for k, v in extra.items()},
+            noise_scale=stats.noise_scale,
+            layer_noise_scale=dict(stats.layer_noise_scale),
+            m_coherence=stats.m_coherence,
+            layer_m_coherence=dict(stats.layer_m_coherence),
         )
         self.trajectory.snapshots.append(snap)
         if self.path is not None:
@@ -306,4 +319,6 @@ class Monitor:
                 self._append(header_line(self.trajectory.metadata))
                 self._header_written = True
             self._append(snapshot_line(snap))
+        if self.on_snapshot is not None:  # on_snapshot: the one call after each snapshot
+            self.on_snapshot(snap)
         return snap
