@@ -38,3 +38,11 @@ class ThresholdError(GsnrDiagError, AssertionError):
 
 class MonitorError(GsnrDiagError, ValueError):
     """A Monitor argument (schedule, task, extra numbers, step) is invalid."""
+
+
+class ExportError(GsnrDiagError, ValueError):
+    """An export to TensorBoard/W&B cannot be done: the package is missing or the destination is unusable."""
+
+
+class ComparisonError(GsnrDiagError, ValueError):
+    """Two runs (or a result and its baseline) cannot be compared: nothing in common, bad tolerance, bad file."""
