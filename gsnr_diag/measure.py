@@ -15,7 +15,8 @@ from torch import nn
 from .capture import GradientCapture
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
-from .data import iter_batches
+from .core.uncertainty import jackknife_standard_errors
+from .data import iter_batches, tree_map
 from .errors import DataError, ModelError
 
 __all__ = ["gradient_stats", "preserved_state", "model_device"]
@@ -73,6 +74,7 @@ def gradient_stats(
     distributed: bool = False,
     process_group: Any = None,
     max_memory_mb: float | None = None,
+    jackknife_groups: int = 0,
 ) -> GradientStats:
     """Measure per-parameter gradient statistics of ``model`` on ``data`` at the current weights.
 
@@ -101,6 +103,10 @@ def gradient_stats(
             chunk (per-sample gradients, unfolded convolution inputs): each layer is processed
             in blocks of samples sized to fit. Default 512 MB. It does not bound the forward and
             backward pass of a chunk itself (set ``batch_size`` for that).
+        jackknife_groups: G ≥ 2 deals the samples of every chunk into G groups (contiguous slices) with
+            moments of their own and fills ``standard_errors`` with delete-a-group jackknife standard
+            errors (core/uncertainty.py); costs G more accumulators and G smaller captures per chunk.
+            0 (default): off.
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +120,10 @@ def gradient_stats(
         raise ModelError(f"max_memory_mb: expected a positive number of megabytes, got {max_memory_mb!r}")
     if epsilon < 0:
         raise ModelError(f"epsilon: expected a non-negative number, got {epsilon!r}")
+    if isinstance(jackknife_groups, bool) or not isinstance(jackknife_groups, int) or jackknife_groups in (1,):
+        jackknife_groups = -1
+    if jackknife_groups < 0:
+        raise ModelError(f"jackknife_groups: expected 0 (off) or an int ≥ 2, got {jackknife_groups!r}")
 
     home = model_device(model)
     target = torch.device(device) if device is not None else home
@@ -134,10 +144,20 @@ def gradient_stats(
                 work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
             ) as capture,
         ):
+            groups = [Moments(signs=signs) for _ in range(jackknife_groups)]
             for x, y in iter_batches(data, batch_size, target):
-                capture.measure_chunk(x, y, moments)
+                if not groups:
+                    capture.measure_chunk(x, y, moments)
+                    continue
+                for g, (lo, hi) in enumerate(_slices(int(y.shape[0]), len(groups))):  # jackknife groups
+                    if hi > lo:
+                        capture.measure_chunk(tree_map(lambda t: t[lo:hi], x), y[lo:hi], groups[g])
+            for g in groups:
+                moments.merge(g)
         if distributed:
             all_reduce_moments(moments, group=process_group)
+            for g in groups:
+                all_reduce_moments(g, group=process_group)
         n = moments.n
         if n < 2:
             raise DataError(
@@ -145,7 +165,7 @@ def gradient_stats(
                 + (f" ({capture.skipped} skipped for non-finite gradients)" if capture.skipped else "")
             )
         weights = {k: p.detach() for k, p in capture.params.items()}
-        return stats_from_moments(
+        stats = stats_from_moments(
             moments,
             weights,
             capture_paths=dict(capture.paths),
@@ -153,3 +173,13 @@ def gradient_stats(
             mode=mode,
             skipped_nonfinite=capture.skipped,
         )
+        if groups:
+            stats.standard_errors = jackknife_standard_errors(groups, weights, epsilon=epsilon, mode=mode)
+            stats.jackknife_groups = len(groups)
+        return stats
+
+
+def _slices(batch: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous [lo, hi) slices covering ``range(batch)`` as evenly as possible."""
+    bounds = [round(i * batch / parts) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))

@@ -3,7 +3,7 @@
 Exit codes (also in ``gsnr-diag --help``):
 
 * 0 — success; for ``check``, every threshold holds;
-* 1 — ``check``: at least one threshold failed (each failure is named);
+* 1 — ``check``: at least one threshold failed (each failure is named); ``compare``: a regression;
 * 2 — usage or input error: bad options, a missing or malformed model file or run JSON,
   an exception raised in the user's model file (its traceback is shown), bad data.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import click
 
 from .commands_check import check
+from .commands_compare import compare
 from .commands_export import export
 from .commands_report import render, report
 from .commands_stats import stats
@@ -39,10 +40,11 @@ def main() -> None:
     gsnr-diag stats MODEL_FILE                    per-layer GSNR table now
     gsnr-diag check RUN_JSON --min-...            CI thresholds (exit 1 on failure)
     gsnr-diag export RUN_JSON --tensorboard DIR   to TensorBoard / offline W&B (--wandb DIR)
+    gsnr-diag compare BASELINE CURRENT            deltas ± SE (exit 1 on a regression)
     """
 
 
-for _command in (report, render, stats, check, export):
+for _command in (report, render, stats, check, export, compare):
     main.add_command(_command)
 
 

@@ -38,7 +38,8 @@ EXIT_USAGE = 2
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success (check: every threshold holds)
-  1  check: one or more thresholds failed (each is named)
+  1  check: one or more thresholds failed (each is named);
+     compare: a regression past --tolerance (each is named)
   2  usage or input error: bad option, missing/malformed model file or run
      JSON, an exception inside your model file (your traceback is shown)"""
 

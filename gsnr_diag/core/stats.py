@@ -133,6 +133,9 @@ class GradientStats:
     layer_noise_scale: dict[str, float | None] = field(default_factory=dict)
     m_coherence: float | None = None
     layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
+    # delete-a-group jackknife standard errors (core/uncertainty.py), keyed "mean_gsnr", "layer_gsnr/<param>", ...
+    standard_errors: dict[str, float | None] = field(default_factory=dict)
+    jackknife_groups: int = 0
 
     @property
     def num_elements(self) -> int:
@@ -200,6 +203,8 @@ class GradientStats:
             "layer_noise_scale": dict(self.layer_noise_scale),
             "m_coherence": self.m_coherence,
             "layer_m_coherence": dict(self.layer_m_coherence),
+            "standard_errors": dict(self.standard_errors),
+            "jackknife_groups": self.jackknife_groups,
         }
 
     def to_dict(self, tensors: bool = True) -> dict[str, Any]:
@@ -246,6 +251,8 @@ class GradientStats:
                 layer_noise_scale=dict(d.get("layer_noise_scale") or {}),
                 m_coherence=d.get("m_coherence"),
                 layer_m_coherence=dict(d.get("layer_m_coherence") or {}),
+                standard_errors=dict(d.get("standard_errors") or {}),
+                jackknife_groups=int(d.get("jackknife_groups") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc

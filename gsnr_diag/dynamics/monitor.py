@@ -155,6 +155,8 @@ class Monitor:
         on_snapshot: optional ``callable(snapshot)`` called after each recorded :class:`Snapshot` is
             appended (and written); send snapshots anywhere (a logger, TensorBoard, W&B). Its exceptions
             propagate.
+        jackknife_groups: G ≥ 2 records delete-a-group jackknife standard errors in
+            ``snapshot.standard_errors`` (see :func:`~gsnr_diag.gradient_stats`); 0 (default) off.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class Monitor:
         mode: str = "eval",
         metadata: dict[str, Any] | None = None,
         on_snapshot: Callable[[Snapshot], Any] | None = None,
+        jackknife_groups: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +185,7 @@ class Monitor:
             raise MonitorError(f"on_snapshot: expected a callable(snapshot) or None, got {type(on_snapshot).__name__}")
         self.on_snapshot = on_snapshot
         # --- end on_snapshot ---
+        self.jackknife_groups = jackknife_groups
         self.model = model
         self.data = data
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -263,7 +267,13 @@ class Monitor:
             self.trajectory.metadata["task"] = self.task
         accuracy = self.task == "classification"
         stats = gradient_stats(
-            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode
+            self.model,
+            self.data,
+            self.loss_fn,
+            batch_size=self.batch_size,
+            signs=self.signs,
+            mode=self.mode,
+            jackknife_groups=self.jackknife_groups,
         )
         device = model_device(self.model)
         with preserved_state(self.model):
@@ -312,6 +322,7 @@ class Monitor:
             layer_noise_scale=dict(stats.layer_noise_scale),
             m_coherence=stats.m_coherence,
             layer_m_coherence=dict(stats.layer_m_coherence),
+            standard_errors=dict(stats.standard_errors),
         )
         self.trajectory.snapshots.append(snap)
         if self.path is not None:

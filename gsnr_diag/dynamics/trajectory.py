@@ -98,6 +98,8 @@ class Snapshot:
     layer_noise_scale: dict[str, float | None] = field(default_factory=dict)
     m_coherence: float | None = None
     layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
+    # delete-a-group jackknife standard errors ("mean_gsnr", "layer_gsnr/<param>", ...; core/uncertainty.py)
+    standard_errors: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; non-finite numbers become ``None``."""
@@ -153,7 +155,7 @@ _FLOAT_FIELDS = (
     "noise_scale",
     "m_coherence",
 )
-_MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra", "layer_noise_scale", "layer_m_coherence")
+_MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra", "layer_noise_scale", "layer_m_coherence", "standard_errors")
 _LAYER_SERIES = ("layer_gsnr", "layer_same_sign", "layer_noise_scale", "layer_m_coherence")
 _SCALAR_SERIES = set(_FLOAT_FIELDS) | {"elapsed", "undefined"}
 
