@@ -54,6 +54,14 @@ def test_tensorboard_scalars_and_histograms_read_back(run_json, tmp_path):
     assert hist[0].histogram_value.num == len(logs)
     assert hist[0].histogram_value.min == pytest.approx(min(logs), rel=1e-6)
     assert hist[0].histogram_value.max == pytest.approx(max(logs), rel=1e-6)
+    for layer in first.layer_gsnr:  # per layer: log10 of the per-element GSNR, as kept in the snapshot
+        per_layer = acc.Histograms(f"log10_gsnr/{layer}")
+        assert [h.step for h in per_layer] == traj.steps
+        for h, s in zip(per_layer, traj.snapshots):
+            kept = s.layer_log10_gsnr_hist[layer]
+            assert h.histogram_value.num == kept["num"]
+            assert list(h.histogram_value.bucket) == kept["counts"]
+            assert list(h.histogram_value.bucket_limit) == pytest.approx(kept["edges"][1:])
 
 
 def _wandb_records(path):
@@ -113,6 +121,10 @@ def test_wandb_offline_run_holds_the_history(run_json, tmp_path, monkeypatch):
         assert h["gsnr/mean_gsnr"] == pytest.approx(s.mean_gsnr)
         assert h["gsnr/noise_scale"] == pytest.approx(s.noise_scale)
         assert h["layer_gsnr/0.weight"] == pytest.approx(s.layer_gsnr["0.weight"])
+        kept = s.layer_log10_gsnr_hist["0.weight"]  # a histogram is stored as nested keys
+        assert h["log10_gsnr/0.weight/_type"] == "histogram"
+        assert h["log10_gsnr/0.weight/values"] == kept["counts"]
+        assert h["log10_gsnr/0.weight/bins"] == pytest.approx(kept["edges"])
 
 
 def test_monitor_on_snapshot_tensorboard_logger(tmp_path):
@@ -126,7 +138,6 @@ def test_monitor_on_snapshot_tensorboard_logger(tmp_path):
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     logger = TensorBoardLogger(tmp_path / "live")
     monitor = Monitor(model, (X, Y), every=1, on_snapshot=logger)
-    logger.monitor = monitor
     train(model, (X, Y), epochs=2, lr=0.1, monitor=monitor, progress=False)
     logger.close()
     acc = EventAccumulator(str(tmp_path / "live"), size_guidance={"scalars": 0, "histograms": 0})

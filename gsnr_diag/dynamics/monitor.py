@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.correlation import pearson
+from ..core.histogram import layer_log10_gsnr_histograms
 from ..core.stats import GradientStats
 from ..data import call_model, count_samples, iter_batches
 from ..errors import MonitorError
@@ -323,6 +324,7 @@ class Monitor:
             m_coherence=stats.m_coherence,
             layer_m_coherence=dict(stats.layer_m_coherence),
             standard_errors=dict(stats.standard_errors),
+            layer_log10_gsnr_hist=layer_log10_gsnr_histograms(stats.gsnr),
         )
         self.trajectory.snapshots.append(snap)
         if self.path is not None:

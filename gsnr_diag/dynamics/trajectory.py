@@ -100,6 +100,8 @@ class Snapshot:
     layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
     # delete-a-group jackknife standard errors ("mean_gsnr", "layer_gsnr/<param>", ...; core/uncertainty.py)
     standard_errors: dict[str, float | None] = field(default_factory=dict)
+    # per layer: histogram of log10 of the per-element GSNR (core/histogram.py), for TensorBoard/W&B
+    layer_log10_gsnr_hist: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; non-finite numbers become ``None``."""
@@ -130,6 +132,9 @@ class Snapshot:
                     if not isinstance(d[f], dict):
                         raise TypeError(f"{f} is a {type(d[f]).__name__}, expected an object")
                     kw[f] = _clean_map(d[f])
+            hist = d.get("layer_log10_gsnr_hist")
+            if isinstance(hist, dict):
+                kw["layer_log10_gsnr_hist"] = {str(k): v for k, v in hist.items() if isinstance(v, dict)}
             kw["elapsed"] = float(d.get("elapsed") or 0.0)
             kw["undefined"] = int(d.get("undefined") or 0)
         except (TypeError, ValueError) as exc:

@@ -1,12 +1,12 @@
 """Send a run's GSNR statistics to TensorBoard or to an offline Weights & Biases run.
 
 * :func:`export_tensorboard` writes scalars (every :class:`~gsnr_diag.dynamics.trajectory.Snapshot`
-  number, per-layer values) and, at each snapshot, a histogram of log10 of the per-layer mean GSNR
-  with ``torch.utils.tensorboard.SummaryWriter``.
+  number, per-layer values) and, at each snapshot, per layer the histogram of log10 of its per-element
+  GSNR (``log10_gsnr/<param>``, from the snapshot's ``layer_log10_gsnr_hist``) and a histogram of log10
+  of the per-layer mean GSNR, with ``torch.utils.tensorboard.SummaryWriter``.
 * :func:`export_wandb` writes the same numbers as the history of an *offline* W&B run
   (``mode="offline"``: nothing is sent; ``wandb sync DIR/wandb/offline-run-*`` uploads it later).
-* :class:`TensorBoardLogger` is a ``Monitor(..., on_snapshot=...)`` callable for live logging; given
-  the monitor it also writes, per layer, the histogram of log10 of the per-element GSNR.
+* :class:`TensorBoardLogger` is a ``Monitor(..., on_snapshot=...)`` callable for live logging.
 
 The source is a :class:`~gsnr_diag.Trajectory`, a run/trajectory dict, or a path to a saved run JSON,
 a trajectory JSON or a monitor's JSONL. A run with a shuffled-label control exports the control's
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..core.histogram import valid_histogram
 from ..dynamics.trajectory import Snapshot, Trajectory
 from ..errors import ExportError, TrajectoryFormatError
 
@@ -144,14 +145,28 @@ def _write_snapshot(writer: Any, snap: Snapshot) -> None:
         import numpy as np
 
         writer.add_histogram("gsnr/log10_layer_gsnr", np.asarray(logs), global_step=snap.step)
+    for layer, h in snap.layer_log10_gsnr_hist.items():
+        if valid_histogram(h):
+            writer.add_histogram_raw(
+                f"log10_gsnr/{layer}",
+                min=h["min"],
+                max=h["max"],
+                num=h["num"],
+                sum=h["sum"],
+                sum_squares=h["sum_squares"],
+                bucket_limits=h["edges"][1:],
+                bucket_counts=h["counts"],
+                global_step=snap.step,
+            )
 
 
 def export_tensorboard(source: Any, logdir: str | os.PathLike[str]) -> list[Path]:
     """Write the run's snapshots as TensorBoard event files under ``logdir``; returns the run directories.
 
     Scalars: the tags of :data:`SCALAR_TAGS` (``gsnr/mean_gsnr``, ``gsnr/osgr``, ``gsnr/noise_scale``, ...),
-    per-layer ``layer_gsnr/<param>`` etc., ``extra/<name>``; histogram ``gsnr/log10_layer_gsnr``
-    (log10 mean GSNR over the layers) at each snapshot. Steps are the snapshots' training steps.
+    per-layer ``layer_gsnr/<param>`` etc., ``extra/<name>``; histograms ``log10_gsnr/<param>`` (log10 of the
+    per-element GSNR of each parameter tensor) and ``gsnr/log10_layer_gsnr`` (log10 mean GSNR over the
+    layers) at each snapshot. Steps are the snapshots' training steps.
     """
     SummaryWriter = _summary_writer()
     runs = load_trajectories(source)
@@ -176,25 +191,14 @@ def export_tensorboard(source: Any, logdir: str | os.PathLike[str]) -> list[Path
 class TensorBoardLogger:
     """``Monitor(..., on_snapshot=TensorBoardLogger(logdir))``: each snapshot goes to TensorBoard as recorded.
 
-    Pass ``monitor`` (or set ``logger.monitor = monitor`` after building it) to also write, per
-    parameter tensor, the histogram ``log10_gsnr/<param>`` of log10 of its per-element GSNR (from
-    ``monitor.last_stats``; undefined and zero elements are left out). Call :meth:`close` at the end.
+    The same scalars and histograms as :func:`export_tensorboard`. Call :meth:`close` at the end.
     """
 
-    def __init__(self, logdir: str | os.PathLike[str], monitor: Any = None):
+    def __init__(self, logdir: str | os.PathLike[str]):
         self.writer = _summary_writer()(log_dir=str(logdir))
-        self.monitor = monitor
 
     def __call__(self, snap: Snapshot) -> None:
         _write_snapshot(self.writer, snap)
-        stats = getattr(self.monitor, "last_stats", None)
-        if stats is not None:
-            import torch
-
-            for name, r in stats.gsnr.items():
-                r = r[torch.isfinite(r) & (r > 0)]
-                if r.numel():
-                    self.writer.add_histogram(f"log10_gsnr/{name}", r.log10().numpy(), global_step=snap.step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -274,6 +278,9 @@ def export_wandb(
                     logs = log10_layer_gsnr(snap)
                     if logs:
                         row["gsnr/log10_layer_gsnr"] = wandb.Histogram(logs)
+                    for layer, h in snap.layer_log10_gsnr_hist.items():
+                        if valid_histogram(h):
+                            row[f"log10_gsnr/{layer}"] = wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
                     run.log(row, step=int(snap.step))
                 run_dir = Path(run.dir).parent  # run.dir is <offline-run-...>/files
             finally:
