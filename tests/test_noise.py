@@ -147,3 +147,5 @@ def test_report_shows_noise_scale_beside_osgr():
     section = html.split('id="fig-noise"', 1)[1].split("</section>", 1)[0]
     assert "<svg" in section
     assert "Gradient noise scale B_simple and m-coherence" in html
+    table = html.split('id="layers"', 1)[1].split("</section>", 1)[0]
+    assert "<th>Noise scale</th>" in table and fmt(last.layer_noise_scale["0.weight"]) in table
