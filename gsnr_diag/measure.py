@@ -120,10 +120,7 @@ def gradient_stats(
         raise ModelError(f"max_memory_mb: expected a positive number of megabytes, got {max_memory_mb!r}")
     if epsilon < 0:
         raise ModelError(f"epsilon: expected a non-negative number, got {epsilon!r}")
-    if isinstance(jackknife_groups, bool) or not isinstance(jackknife_groups, int) or jackknife_groups in (1,):
-        jackknife_groups = -1
-    if jackknife_groups < 0:
-        raise ModelError(f"jackknife_groups: expected 0 (off) or an int ≥ 2, got {jackknife_groups!r}")
+    _check_jackknife_groups(jackknife_groups)
 
     home = model_device(model)
     target = torch.device(device) if device is not None else home
@@ -144,15 +141,10 @@ def gradient_stats(
                 work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
             ) as capture,
         ):
-            groups = [Moments(signs=signs) for _ in range(jackknife_groups)]
+            groups = [Moments(signs=signs) for _ in range(jackknife_groups)]  # jackknife_groups: G accumulators
             for x, y in iter_batches(data, batch_size, target):
-                if not groups:
-                    capture.measure_chunk(x, y, moments)
-                    continue
-                for g, (lo, hi) in enumerate(_slices(int(y.shape[0]), len(groups))):  # jackknife groups
-                    if hi > lo:
-                        capture.measure_chunk(tree_map(lambda t: t[lo:hi], x), y[lo:hi], groups[g])
-            for g in groups:
+                _measure_chunk(capture, x, y, moments, groups)
+            for g in groups:  # jackknife_groups: the totals are the merge of the groups
                 moments.merge(g)
         if distributed:
             all_reduce_moments(moments, group=process_group)
@@ -179,7 +171,35 @@ def gradient_stats(
         return stats
 
 
-def _slices(batch: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous [lo, hi) slices covering ``range(batch)`` as evenly as possible."""
-    bounds = [round(i * batch / parts) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
+# ----------------------------------------------------------------------------- jackknife groups
+def _check_jackknife_groups(groups: Any) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or groups == 1:
+        raise ModelError(f"jackknife_groups: expected 0 (off) or an int ≥ 2, got {groups!r}")
+
+
+def _measure_chunk(
+    capture: GradientCapture,
+    x: Any,
+    y: torch.Tensor,
+    moments: Moments,
+    groups: list[Moments],
+    after: Callable[[], Any] | None = None,
+) -> None:
+    """Moments of one chunk into ``moments``, or, with jackknife groups, its G contiguous slices into the groups.
+
+    ``after`` is called after each capture (e.g. to restore a model state a forward changed). Every
+    statistic that gets a standard error (GSNR, same-sign, OSGR, noise scale, m-coherence) is invariant
+    to a common scale of the gradients, so groups need no loss-weight rescaling of their own.
+    """
+    if not groups:
+        capture.measure_chunk(x, y, moments)
+        if after is not None:
+            after()
+        return
+    batch = int(y.shape[0])
+    bounds = [round(i * batch / len(groups)) for i in range(len(groups) + 1)]
+    for g, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi > lo:
+            capture.measure_chunk(tree_map(lambda t: t[lo:hi], x), y[lo:hi], groups[g])
+            if after is not None:
+                after()
