@@ -143,6 +143,11 @@ def summary_lines(config: Any) -> list[str]:
     state = config.stash.get(COMPARE_KEY, None)
     if state is None:
         return []
+    if config.pluginmanager.hasplugin("dsession"):  # the pytest-xdist controller: the workers compared
+        return [
+            f"gsnr-diag --gsnr-compare {state.directory}: compared in the pytest-xdist workers; a test that "
+            "regressed failed with its table of deltas"
+        ]
     out = [
         f"gsnr-diag --gsnr-compare {state.directory}: {state.compared} measurement(s) compared, "
         f"{len(state.regressions)} test(s) regressed (tolerance {state.tolerance:g}, sigma {state.sigma:g})"
