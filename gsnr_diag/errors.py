@@ -50,3 +50,11 @@ class SlowPathWarning(UserWarning):
 
 class OutputError(GsnrDiagError, OSError):
     """An output file could not be written (an unwritable folder, a path through a file, a full disk)."""
+
+
+class ExportError(GsnrDiagError, ValueError):
+    """An export to TensorBoard/W&B cannot be done: the package is missing or the destination is unusable."""
+
+
+class ComparisonError(GsnrDiagError, ValueError):
+    """Two runs (or a result and its baseline) cannot be compared: nothing in common, bad tolerance, bad file."""

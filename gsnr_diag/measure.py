@@ -17,8 +17,9 @@ from .capture.losses import LossPlan
 from .capture.state import ModelState
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
-from .data import iter_batches
-from .errors import DataError, ModelError
+from .core.uncertainty import jackknife_standard_errors
+from .data import iter_batches, tree_map
+from .errors import ArgumentError, DataError, ModelError
 from .validate import check_device, check_distributed, check_epsilon, check_loss_fn, check_max_memory_mb, check_model
 
 __all__ = ["gradient_stats", "preserved_state", "model_device"]
@@ -76,6 +77,7 @@ def gradient_stats(
     distributed: bool = False,
     process_group: Any = None,
     max_memory_mb: float | None = None,
+    jackknife_groups: int = 0,
 ) -> GradientStats:
     """Measure per-parameter gradient statistics of ``model`` on ``data`` at the current weights.
 
@@ -104,6 +106,10 @@ def gradient_stats(
             chunk (per-sample gradients, unfolded convolution inputs): each layer is processed
             in blocks of samples sized to fit. Default 512 MB. It does not bound the forward and
             backward pass of a chunk itself (set ``batch_size`` for that).
+        jackknife_groups: G ≥ 2 deals the samples of every chunk into G groups (contiguous slices) with
+            moments of their own and fills ``standard_errors`` with delete-a-group jackknife standard
+            errors (core/uncertainty.py); costs G more accumulators and G smaller captures per chunk.
+            0 (default): off.
     """
     check_model(model)
     if mode not in MODES:
@@ -115,6 +121,7 @@ def gradient_stats(
     check_epsilon(epsilon)
     check_distributed(distributed, process_group)
     checked = check_device(device)
+    _check_jackknife_groups(jackknife_groups)
 
     home = model_device(model)
     target = checked if checked is not None else home
@@ -133,6 +140,7 @@ def gradient_stats(
             if mode == "train":
                 _check_train_mode(work)
             moments = Moments(signs=signs)
+            groups = [Moments(signs=signs) for _ in range(jackknife_groups)]  # jackknife_groups: G accumulators
             plan = LossPlan(loss_fn)  # per-sample losses of weighted, ignore_index and sum losses
             with (
                 torch.enable_grad(),
@@ -143,12 +151,15 @@ def gradient_stats(
                 for x, y in iter_batches(data, batch_size, target):
                     x, y = plan.select(x, y)
                     if y.shape[0]:
-                        capture.measure_chunk(x, y, moments)
-                        state.restore()
+                        _measure_chunk(capture, x, y, moments, groups, state.restore)
+                for g in groups:  # jackknife_groups: the totals are the merge of the groups
+                    moments.merge(g)
         finally:
             state.restore(compare=True)
         if distributed:
             all_reduce_moments(moments, group=process_group)
+            for g in groups:
+                all_reduce_moments(g, group=process_group)
         n = moments.n
         if n < 2:
             raise DataError(
@@ -158,7 +169,7 @@ def gradient_stats(
             )
         plan.finish(moments, skipped=capture.skipped, distributed=distributed, group=process_group)
         weights = {k: p.detach() for k, p in capture.params.items()}
-        return stats_from_moments(
+        stats = stats_from_moments(
             moments,
             weights,
             capture_paths=dict(capture.paths),
@@ -166,3 +177,41 @@ def gradient_stats(
             mode=mode,
             skipped_nonfinite=capture.skipped,
         )
+        if groups:
+            stats.standard_errors = jackknife_standard_errors(groups, weights, epsilon=epsilon, mode=mode)
+            stats.jackknife_groups = len(groups)
+        return stats
+
+
+# ----------------------------------------------------------------------------- jackknife groups
+def _check_jackknife_groups(groups: Any) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or groups == 1:
+        raise ArgumentError(f"jackknife_groups: expected 0 (off) or an int ≥ 2, got {groups!r}")
+
+
+def _measure_chunk(
+    capture: GradientCapture,
+    x: Any,
+    y: torch.Tensor,
+    moments: Moments,
+    groups: list[Moments],
+    after: Callable[[], Any] | None = None,
+) -> None:
+    """Moments of one chunk into ``moments``, or, with jackknife groups, its G contiguous slices into the groups.
+
+    ``after`` is called after each capture (e.g. to restore a model state a forward changed). Every
+    statistic that gets a standard error (GSNR, same-sign, OSGR, noise scale, m-coherence) is invariant
+    to a common scale of the gradients, so groups need no loss-weight rescaling of their own.
+    """
+    if not groups:
+        capture.measure_chunk(x, y, moments)
+        if after is not None:
+            after()
+        return
+    batch = int(y.shape[0])
+    bounds = [round(i * batch / len(groups)) for i in range(len(groups) + 1)]
+    for g, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if hi > lo:
+            capture.measure_chunk(tree_map(lambda t: t[lo:hi], x), y[lo:hi], groups[g])
+            if after is not None:
+                after()

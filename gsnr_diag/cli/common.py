@@ -42,7 +42,8 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success (check: every threshold holds)
-  1  check: one or more thresholds failed (each is named)
+  1  check: one or more thresholds failed (each is named);
+     compare: a regression past --tolerance (each is named)
   2  usage or input error: bad option, missing/malformed model file or run
      JSON, an exception inside your model file (your traceback is shown),
      an output path that would replace an input or cannot be written

@@ -8,6 +8,7 @@ Definitions follow shared/SCIENCE.md and Liu et al. (ICLR 2020):
 * ``same_sign``: among samples with g_ij ≠ 0, the share whose sign equals sign(ḡ_j)  (Sec. 3.1)
 * ``osgr`` R = 1 − Σ_j ρ²_j / (n · Σ_j ḡ_j²)              (single-set estimate of eq. 19 / eq. 22)
 * ``opposite_sign``: over weight tensors (ndim ≥ 2), share of elements with W_j·ḡ_j < 0   (Sec. 3.3, Fig. 7b)
+* ``noise_scale`` B_simple = Σ_j ρ²_j / Σ_j ḡ²_j and ``m_coherence`` (core/noise.py)
 
 Undefined elements (ρ² = 0; for same-sign ḡ = 0 or no non-zero sample) are NaN in the
 per-element tensors, excluded from every average and counted.
@@ -25,6 +26,7 @@ import torch
 from .._format import number, text_table
 from .._io import check_schema_version, clean_float
 from .moments import Moments
+from .noise import layer_noise_statistics, m_coherence, noise_scale
 
 __all__ = [
     "GradientStats",
@@ -126,6 +128,14 @@ class GradientStats:
     mode: str = "eval"
     epsilon: float = 0.0
     skipped_nonfinite: int = 0
+    # gradient noise scale B_simple and m-coherence (core/noise.py), overall and per parameter tensor
+    noise_scale: float | None = None
+    layer_noise_scale: dict[str, float | None] = field(default_factory=dict)
+    m_coherence: float | None = None
+    layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
+    # delete-a-group jackknife standard errors (core/uncertainty.py), keyed "mean_gsnr", "layer_gsnr/<param>", ...
+    standard_errors: dict[str, float | None] = field(default_factory=dict)
+    jackknife_groups: int = 0
 
     @property
     def num_elements(self) -> int:
@@ -164,6 +174,7 @@ class GradientStats:
             f"mean GSNR {number(self.mean_gsnr)}   median {number(q.get('median'))}   p90 {number(q.get('p90'))}   "
             f"OSGR (eq. 19) {number(self.osgr)}"
         )
+        out.append(f"noise scale B_simple {number(self.noise_scale)}   m-coherence {number(self.m_coherence)}")
         out.append(
             f"same-sign {number(self.mean_same_sign)}   opposite-sign {number(self.opposite_sign)}   "
             f"opposite-sign top-10% |W| {number(self.opposite_sign_top10)}"
@@ -188,6 +199,12 @@ class GradientStats:
             "mode": self.mode,
             "epsilon": self.epsilon,
             "skipped_nonfinite": self.skipped_nonfinite,
+            "noise_scale": self.noise_scale,
+            "layer_noise_scale": dict(self.layer_noise_scale),
+            "m_coherence": self.m_coherence,
+            "layer_m_coherence": dict(self.layer_m_coherence),
+            "standard_errors": dict(self.standard_errors),
+            "jackknife_groups": self.jackknife_groups,
         }
 
     def to_dict(self, tensors: bool = True) -> dict[str, Any]:
@@ -230,6 +247,12 @@ class GradientStats:
                 mode=d.get("mode", "eval"),
                 epsilon=float(d.get("epsilon", 0.0)),
                 skipped_nonfinite=int(d.get("skipped_nonfinite", 0)),
+                noise_scale=d.get("noise_scale"),
+                layer_noise_scale=dict(d.get("layer_noise_scale") or {}),
+                m_coherence=d.get("m_coherence"),
+                layer_m_coherence=dict(d.get("layer_m_coherence") or {}),
+                standard_errors=dict(d.get("standard_errors") or {}),
+                jackknife_groups=int(d.get("jackknife_groups") or 0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc
@@ -286,6 +309,7 @@ def stats_from_moments(
         mean_same_sign = _nanmean(flat_s)
 
     w = {k: weights[k] for k in names}
+    layer_scale, layer_coherence = layer_noise_statistics(mean, var, n)
     return GradientStats(
         n=n,
         mean=mean,
@@ -306,4 +330,8 @@ def stats_from_moments(
         mode=mode,
         epsilon=epsilon,
         skipped_nonfinite=skipped_nonfinite,
+        noise_scale=clean_float(noise_scale(list(mean.values()), list(var.values()))),
+        layer_noise_scale={k: clean_float(v) for k, v in layer_scale.items()},
+        m_coherence=clean_float(m_coherence(list(mean.values()), list(var.values()), n)),
+        layer_m_coherence={k: clean_float(v) for k, v in layer_coherence.items()},
     )

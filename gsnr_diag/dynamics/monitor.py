@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.correlation import pearson
+from ..core.histogram import layer_log10_gsnr_histograms
 from ..core.stats import GradientStats
 from ..data import call_model, check_reiterable, count_samples, iter_batches
 from ..errors import MonitorError
@@ -179,6 +180,11 @@ class Monitor:
             same steps (give ``path`` on one rank only).
         process_group: the ``torch.distributed`` group for ``distributed=True`` (default: the world).
         overwrite: replace an existing ``path`` instead of resuming or refusing it.
+        on_snapshot: optional ``callable(snapshot)`` called after each recorded :class:`Snapshot` is
+            appended (and written); send snapshots anywhere (a logger, TensorBoard, W&B). Its exceptions
+            propagate.
+        jackknife_groups: G ≥ 2 records delete-a-group jackknife standard errors in
+            ``snapshot.standard_errors`` (see :func:`~gsnr_diag.gradient_stats`); 0 (default) off.
     """
 
     def __init__(
@@ -198,6 +204,8 @@ class Monitor:
         distributed: bool = False,
         process_group: Any = None,
         overwrite: bool = False,
+        on_snapshot: Callable[[Snapshot], Any] | None = None,
+        jackknife_groups: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise MonitorError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -207,6 +215,12 @@ class Monitor:
         check_loss_fn(loss_fn if loss_fn is not None else nn.CrossEntropyLoss())
         check_reiterable(data, "data", "the monitor measures it at every snapshot")
         check_reiterable(test_data, "test_data", "the monitor evaluates it at every snapshot")
+        # --- on_snapshot (delimited: the argument check and the one call at the end of record) ---
+        if on_snapshot is not None and not callable(on_snapshot):
+            raise MonitorError(f"on_snapshot: expected a callable(snapshot) or None, got {type(on_snapshot).__name__}")
+        self.on_snapshot = on_snapshot
+        # --- end on_snapshot ---
+        self.jackknife_groups = jackknife_groups
         self.model = model
         self.data = data
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -297,7 +311,14 @@ class Monitor:
         accuracy = self.task == "classification"
         dist = {"distributed": self.distributed, "process_group": self.process_group}
         stats = gradient_stats(
-            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode, **dist
+            self.model,
+            self.data,
+            self.loss_fn,
+            batch_size=self.batch_size,
+            signs=self.signs,
+            mode=self.mode,
+            jackknife_groups=self.jackknife_groups,
+            **dist,
         )
         device = model_device(self.model)
         with preserved_state(self.model):
@@ -349,6 +370,12 @@ class Monitor:
             elapsed=time.perf_counter() - self._start,
             undefined=stats.undefined,
             extra={k: clean_float(float(v)) for k, v in extra.items()},
+            noise_scale=stats.noise_scale,
+            layer_noise_scale=dict(stats.layer_noise_scale),
+            m_coherence=stats.m_coherence,
+            layer_m_coherence=dict(stats.layer_m_coherence),
+            standard_errors=dict(stats.standard_errors),
+            layer_log10_gsnr_hist=layer_log10_gsnr_histograms(stats.gsnr),
         )
         self.trajectory.snapshots.append(snap)
         if self.path is not None:
@@ -359,6 +386,8 @@ class Monitor:
                 self._append(metadata_line({"resumed_at_step": int(step)}))
                 self._resume_noted = True
             self._append(snapshot_line(snap))
+        if self.on_snapshot is not None:  # on_snapshot: the one call after each snapshot
+            self.on_snapshot(snap)
         return snap
 
 

@@ -69,7 +69,8 @@ class Snapshot:
     elements between Δḡ since the previous snapshot and W; eq. 28, Fig. 7a; ``None`` on the first),
     losses measured at the current weights, ``generalization_gap`` = test − train loss,
     accuracies (``None`` for regression), ``elapsed`` seconds since the monitor started,
-    ``undefined`` elements (ρ² = 0) and the caller's ``extra`` numbers.
+    ``undefined`` elements (ρ² = 0) and the caller's ``extra`` numbers; ``noise_scale`` (B_simple) and
+    ``m_coherence``, overall and per layer (``layer_noise_scale``, ``layer_m_coherence``; core/noise.py).
     """
 
     step: int
@@ -92,6 +93,15 @@ class Snapshot:
     elapsed: float = 0.0
     undefined: int = 0
     extra: dict[str, float | None] = field(default_factory=dict)
+    # gradient noise scale B_simple (McCandlish et al. 2018) and m-coherence (Chatterjee & Zielinski 2020)
+    noise_scale: float | None = None
+    layer_noise_scale: dict[str, float | None] = field(default_factory=dict)
+    m_coherence: float | None = None
+    layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
+    # delete-a-group jackknife standard errors ("mean_gsnr", "layer_gsnr/<param>", ...; core/uncertainty.py)
+    standard_errors: dict[str, float | None] = field(default_factory=dict)
+    # per layer: histogram of log10 of the per-element GSNR (core/histogram.py), for TensorBoard/W&B
+    layer_log10_gsnr_hist: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; non-finite numbers become ``None``."""
@@ -122,6 +132,9 @@ class Snapshot:
                     if not isinstance(d[f], dict):
                         raise TypeError(f"{f} is a {type(d[f]).__name__}, expected an object")
                     kw[f] = _clean_map(d[f])
+            hist = d.get("layer_log10_gsnr_hist")
+            if isinstance(hist, dict):
+                kw["layer_log10_gsnr_hist"] = {str(k): v for k, v in hist.items() if isinstance(v, dict)}
             kw["elapsed"] = float(d.get("elapsed") or 0.0)
             kw["undefined"] = int(d.get("undefined") or 0)
         except (TypeError, ValueError) as exc:
@@ -144,8 +157,11 @@ _FLOAT_FIELDS = (
     "generalization_gap",
     "train_accuracy",
     "test_accuracy",
+    "noise_scale",
+    "m_coherence",
 )
-_MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra")
+_MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra", "layer_noise_scale", "layer_m_coherence", "standard_errors")
+_LAYER_SERIES = ("layer_gsnr", "layer_same_sign", "layer_noise_scale", "layer_m_coherence")
 _SCALAR_SERIES = set(_FLOAT_FIELDS) | {"elapsed", "undefined"}
 
 
@@ -182,19 +198,19 @@ class Trajectory:
         ``"0.weight"``), or a key of the snapshots' ``extra``. Missing values are ``None``.
         """
         steps = self.steps
-        if name in ("layer_gsnr", "layer_same_sign"):
+        if name in _LAYER_SERIES:
             if layer is None:
                 raise UnknownSeriesError(f"series({name!r}) needs layer=..., one of {self.layers()}")
             if not any(layer in getattr(s, name) for s in self.snapshots):
                 raise UnknownSeriesError(f"series({name!r}): no layer {layer!r}; layers are {self.layers()}")
             return steps, [getattr(s, name).get(layer) for s in self.snapshots]
         if layer is not None:
-            raise UnknownSeriesError(f"series({name!r}): layer= applies only to 'layer_gsnr' and 'layer_same_sign'")
+            raise UnknownSeriesError(f"series({name!r}): layer= applies only to {', '.join(_LAYER_SERIES)}")
         if name in _SCALAR_SERIES:
             return steps, [getattr(s, name) for s in self.snapshots]
         if any(name in s.extra for s in self.snapshots):
             return steps, [s.extra.get(name) for s in self.snapshots]
-        known = sorted(_SCALAR_SERIES | {"layer_gsnr", "layer_same_sign"})
+        known = sorted(_SCALAR_SERIES | set(_LAYER_SERIES))
         extras = sorted({k for s in self.snapshots for k in s.extra})
         raise UnknownSeriesError(
             f"series: unknown quantity {name!r}; known: {known}" + (f", extra: {extras}" if extras else "")

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from . import compare as _compare
 from .session import SESSION_KEY, WORKER_OUTPUT_KEY, GsnrSession
 from .thresholds import MARKER_HELP, THRESHOLDS
 
@@ -47,6 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="save every measurement of the gsnr fixture as a run JSON file in DIR (plus DIR/index.json)",
     )
+    _compare.add_options(group)  # --gsnr-compare DIR, --gsnr-tolerance, --gsnr-sigma (plugin/compare.py)
     for spec in THRESHOLDS:
         parser.addini(spec.ini, spec.help, type="linelist" if spec.layered else "string")
 
@@ -56,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = state = GsnrSession(config)
     if not state.is_worker:
         config.pluginmanager.register(_Order(config), "gsnr-diag-order")
+    _compare.configure(config)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -63,6 +66,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     report = yield
     state = item.config.stash.get(SESSION_KEY, None)
     if state is not None:
+        _compare.check_against_baseline(item, report, state.records.get(report.nodeid))  # --gsnr-compare
         state.update_outcome(report)
     return report
 
@@ -130,6 +134,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"gsnr-diag: wrote {what}: {path}")
     for err in state.errors:
         terminalreporter.write_line(f"gsnr-diag: could not write {err}", red=True)
+    for line in _compare.summary_lines(config):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture
@@ -140,7 +146,8 @@ def gsnr(request: pytest.FixtureRequest) -> Any:
     ``gsnr.track(build_model, data, loss_fn=None, *, epochs, **kw)`` → Trajectory,
     ``gsnr.control(build_model, data, loss_fn=None, *, epochs, **kw)`` → ControlResult,
     ``gsnr.expect(result, *, min_mean_gsnr=, min_layer_gsnr=, min_same_sign=, min_osgr=)``,
-    ``gsnr.expect_rising(trajectory, *, factor=)``, ``gsnr.expect_control(control, *, min_ratio=)``.
+    ``gsnr.expect_rising(trajectory, *, factor=)``, ``gsnr.expect_control(control, *, min_ratio=)``,
+    ``gsnr.expect_no_regression(result, *, baseline=, tolerance=0.2)``.
     Thresholds not passed come from ``@pytest.mark.gsnr(...)``, then from ``gsnr_*`` ini options.
     """
     from .fixture import GsnrFixture

@@ -221,6 +221,32 @@ class GsnrFixture:
         self.record.add(trajectory)
         self._finish(*_checks.expect_rising_checks(trajectory, t))
 
+    def expect_no_regression(
+        self,
+        result: Any,
+        *,
+        baseline: Any,
+        tolerance: float = 0.2,
+        sigma: float = 2.0,
+        two_sided: bool = False,
+        layers: bool = True,
+    ) -> None:
+        """Assert that no mean GSNR, same-sign fraction or noise scale (overall or per layer) regressed.
+
+        ``baseline``: a path to a saved run / trajectory JSON (e.g. a file written by ``--gsnr-save``), or
+        a result (GradientStats, Trajectory, Snapshot, ControlResult, run dict). A regression is a change
+        in the harmful direction by more than ``tolerance`` (relative) and, where both sides carry jackknife
+        standard errors, more than ``sigma`` SE (:func:`gsnr_diag.report.compare.compare_points`).
+        """
+        __tracebackhide__ = True
+        from .compare import expect_no_regression_checks  # plugin/compare.py
+
+        checks, lines = expect_no_regression_checks(
+            result, baseline, tolerance=tolerance, sigma=sigma, two_sided=two_sided, layers=layers
+        )
+        self.record.add(result)
+        self._finish(checks, lines)
+
     def expect_control(self, control: Any, *, min_ratio: float | None = None, at: str = "final") -> None:
         """Assert that real labels beat shuffled ones: mean-GSNR ratio real/shuffled ≥ ``min_ratio``.
 

@@ -69,6 +69,13 @@ GUIDES = {
         "prediction from GSNR (eq. 19 with eq. 24, horizontal). Healthy agreement: points near the dashed line "
         f"y = x early in training and a Pearson c near 1. ({PAPER}, Sec. 2.4, Fig. 4.)"
     ),
+    "noise": (
+        "Left axis (log scale): the simple gradient noise scale B_simple = Σρ²/Σḡ² (McCandlish et al. 2018), "
+        "the batch size at which the noise of a mini-batch gradient is about as large as its signal; it usually "
+        "grows as training proceeds. Right axis: m-coherence (Chatterjee & Zielinski 2020), how many of the n "
+        "samples a small step along one sample's gradient helps on average: 1 for unrelated (orthogonal) per-sample "
+        "gradients, n for identical ones. On the same samples the single-set OSGR is exactly 1 − B_simple/n."
+    ),
     "loss": (
         "Train and test loss (left axis) and accuracy (right axis). A test loss that turns upward while the train "
         "loss keeps falling is overfitting; compare its timing with the GSNR and OSGR curves above."
@@ -271,6 +278,9 @@ def figure_views(run: dict[str, Any]) -> list[FigureView]:
         )
     )
 
+    # 5b. gradient noise scale and m-coherence (core/noise.py)
+    out.append(_noise_figure(snaps, steps))
+
     # 6. OSGR experiment scatter (Fig. 4)
     out.append(_osgr_scatter_figure(run))
 
@@ -306,3 +316,30 @@ def figure_views(run: dict[str, Any]) -> list[FigureView]:
         )
     )
     return out
+
+
+def _noise_figure(snaps: list[dict[str, Any]], steps: list[int]) -> FigureView:
+    """B_simple (log, left) and m-coherence (right) over training, or a note when not recorded."""
+    _, scale = snapshot_series(snaps, "noise_scale")
+    _, coherence = snapshot_series(snaps, "m_coherence")
+    series = []
+    if _has(scale):
+        series.append(figures.Series("noise scale B_simple (log)", steps, scale, style=0))
+    if _has(coherence):
+        series.append(figures.Series("m-coherence (right axis)", steps, coherence, axis="right", style=1))
+    svg = note = None
+    if series:
+        svg = figures.line_figure(
+            series, xlabel="training step", ylabel="B_simple (log scale)", right_ylabel="m-coherence", log=_has(scale)
+        )
+    else:
+        note = "The noise scale and m-coherence were not recorded in this run (a run saved by an older version)."
+    return FigureView(
+        "fig-noise",
+        "Gradient noise scale and m-coherence over training",
+        svg,
+        "B_simple = Σ_j ρ²_j / Σ_j ḡ²_j and m-coherence = n·|ḡ|² / ((1/n)Σ_i |g_i|²), both from the same "
+        "per-sample moments as GSNR (docs/SCIENCE.md).",
+        GUIDES["noise"],
+        note,
+    )

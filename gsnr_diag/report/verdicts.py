@@ -113,6 +113,8 @@ def verdict_values(run: dict[str, Any]) -> dict[str, float | None]:
         "generalization_gap": gap,
         "realized_ratio": realized,
         "same_sign": clean_float(last.get("mean_same_sign")),
+        "noise_scale": clean_float(last.get("noise_scale")),
+        "m_coherence": clean_float(last.get("m_coherence")),
     }
 
 
@@ -195,8 +197,26 @@ def metrics(run: dict[str, Any], v: dict[str, float | None]) -> list[Metric]:
             "(0.50 = samples disagree at random)",
             "Rises from about 0.50 to about 0.56 on real MNIST labels in the paper (Fig. 5c).",
         ),
+        _noise_metric(v),
     ]
     return out
+
+
+def _noise_metric(v: dict[str, float | None]) -> Metric:
+    """Informational row (never graded): B_simple, 1 − B_simple/n beside the OSGR, and m-coherence."""
+    b, n = v.get("noise_scale"), v.get("n_train")
+    one_minus = (1 - b / n) if (b is not None and n) else None
+    return Metric(
+        "noise_scale",
+        "Gradient noise scale B_simple and m-coherence",
+        b,
+        f"B = {fmt(b)}, m-coherence {fmt(v.get('m_coherence'))}",
+        "n/a",
+        "at the last snapshot; not graded (no threshold): B_simple = Σρ²/Σḡ² (McCandlish et al. 2018)",
+        f"1 − B/n = {fmt(one_minus)} beside the single-set OSGR (eq. 19) R = {fmt(v.get('osgr_final'))}: on the "
+        "same samples they are the same number. m-coherence (Chatterjee & Zielinski 2020) counts how many of the n "
+        "samples one sample's gradient step helps on average (1 = unrelated, n = identical).",
+    )
 
 
 def headline(metrics: list[Metric]) -> tuple[str, str, str]:

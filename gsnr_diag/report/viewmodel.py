@@ -39,6 +39,8 @@ class LayerRow:
     gsnr_median: str
     same_sign: str
     opposite_sign: str
+    noise_scale: str = "–"  # B_simple of the tensor (core/noise.py)
+    m_coherence: str = "–"
 
 
 @dataclass
@@ -81,6 +83,8 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
     layer_ss = final.get("layer_same_sign") or last.get("layer_same_sign") or {}
     medians = final.get("layer_gsnr_median") or {}
     opposite = final.get("layer_opposite_sign") or {}
+    noise = final.get("layer_noise_scale") or last.get("layer_noise_scale") or {}
+    coherence = final.get("layer_m_coherence") or last.get("layer_m_coherence") or {}
     names = list(dict.fromkeys(list(counts) + list(layer_gsnr)))
     rows = [
         LayerRow(
@@ -90,12 +94,15 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
             gsnr_median=fmt(medians.get(n)),
             same_sign=fmt(layer_ss.get(n)),
             opposite_sign=fmt_pct(opposite.get(n)) if n in opposite else "–",
+            noise_scale=fmt(noise.get(n)),
+            m_coherence=fmt(coherence.get(n)),
         )
         for n in names
     ]
     note = (
         "Final GSNR per parameter tensor at the end of training; same-sign and opposite-sign as defined above "
-        "(opposite-sign only for weight tensors with ≥ 2 dimensions). '–' = undefined or not measured."
+        "(opposite-sign only for weight tensors with ≥ 2 dimensions); noise scale B_simple = Σρ²/Σḡ² and "
+        "m-coherence over the tensor's elements. '–' = undefined or not measured."
     )
     if not final:
         note += " Median and opposite-sign columns need the final measurement, which this run does not have."
