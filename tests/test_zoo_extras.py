@@ -3,6 +3,7 @@ plain batch mean, and a forward that mixes samples (the float64-only tests are i
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from reference import reference_stats
@@ -71,3 +72,40 @@ def test_mixing_refused(dtype_name):
     x = torch.randn(12, 4, dtype=DTYPES[dtype_name])
     with pytest.raises(ModelError, match="mixes samples"):
         gradient_stats(MeanMixing().to(DTYPES[dtype_name]), (x, torch.randint(0, 3, (12,))), batch_size=6)
+
+
+class WithLinearCrossEntropy(nn.Module):
+    """nn.LinearCrossEntropyLoss held by the model and used as its loss (its parameters live in the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.lce = nn.LinearCrossEntropyLoss(6, 3, bias=True)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))
+
+
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+def test_loss_that_uses_parameters_of_the_model(dtype_name):
+    from reference import stats_of_gradients
+
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    model = WithLinearCrossEntropy().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(14, 4, generator=g, dtype=dtype), torch.randint(0, 3, (14,), generator=g)
+    double = WithLinearCrossEntropy()
+    double.load_state_dict(model.state_dict())
+    double = double.double()
+    rows = {k: [] for k, _ in double.named_parameters()}
+    for i in range(14):  # the float64 batch-of-one loop, by hand: the loss belongs to the model
+        grads = torch.autograd.grad(double.lce(double(x[i : i + 1].double()), y[i : i + 1]), list(double.parameters()))
+        for k, gr in zip(rows, grads):
+            rows[k].append(gr.numpy())
+    ref = stats_of_gradients({k: np.stack(v) for k, v in rows.items()}, double)
+    before = model_state(model)
+    got = gradient_stats(model, (x, y), lambda h, t: model.lce(h, t), batch_size=4)
+    assert_same_state(before, model_state(model))
+    assert got.capture_paths["lce.linear"] in ("functorch", "loop")
+    _assert_close(got, ref, dtype)

@@ -221,6 +221,7 @@ CASES: dict[str, Case] = {
     "AdaptiveLogSoftmaxWithLoss": Case(
         lambda: nn.AdaptiveLogSoftmaxWithLoss(4, 5, cutoffs=[2], div_value=2.0), "vec", apply=_log_prob
     ),
+    # its Linear as a layer; used as the loss (its usual role) in test_zoo_extras.py
     "LinearCrossEntropyLoss": Case(
         lambda: nn.LinearCrossEntropyLoss(4, 5, bias=True), "vec", apply=lambda m, x: m.linear(x)
     ),
