@@ -12,7 +12,7 @@ from test_mixing import MeanMixing
 from test_untouched_forward import CASES as CHANGING
 from torch import nn
 from untouched import assert_same_rng, assert_same_state, model_state, rng_state
-from zoo_cases import TOLERANCE, compare
+from zoo_cases import TOLERANCE, compare, force_path
 
 from gsnr_diag import gradient_stats
 from gsnr_diag.errors import ModelError
@@ -47,9 +47,10 @@ def test_models_changed_by_their_forward(name, dtype_name):
         _assert_close(got, ref, dtype)
 
 
+@pytest.mark.parametrize("path", ["moment-rule", "grad-sampler", "functorch", "loop"])
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_losses_that_are_not_a_batch_mean(name, dtype_name):
+def test_losses_that_are_not_a_batch_mean(name, dtype_name, path):
     dtype = DTYPES[dtype_name]
     loss_fn = LOSSES[name]()
     if loss_fn.weight is not None:
@@ -62,8 +63,10 @@ def test_losses_that_are_not_a_batch_mean(name, dtype_name):
     y[[2, 5, 11]] = loss_fn.ignore_index
     ref, n = _reference(model, x, y, loss_fn, _class_weights(loss_fn))
     for batch_size in (4, None):
-        got = gradient_stats(model, (x, y), loss_fn, batch_size=batch_size)
+        with force_path(path):
+            got = gradient_stats(model, (x, y), loss_fn, batch_size=batch_size)
         assert got.n == n
+        assert set(got.capture_paths.values()) == {path}
         _assert_close(got, ref, dtype)
 
 
