@@ -37,10 +37,6 @@ def _call(model, x):
     return model(x)
 
 
-def _dense(g):
-    return g.to_dense() if g.is_sparse else g  # nn.Embedding(sparse=True)
-
-
 def per_sample_gradients(model, x, y, loss_fn, mode="eval"):
     """{name: float64 numpy array [n, *shape]} by a batch-of-one loop."""
     model = copy.deepcopy(model).double()
@@ -56,7 +52,8 @@ def per_sample_gradients(model, x, y, loss_fn, mode="eval"):
         loss = loss_fn(_call(model, _index(x, i)), y[i : i + 1])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for k, p, g in zip(names, params, grads):
-            rows[k].append(np.zeros(tuple(p.shape)) if g is None else _dense(g).detach().double().numpy())
+            g = g.to_dense() if g is not None and g.is_sparse else g  # nn.Embedding(sparse=True)
+            rows[k].append(np.zeros(tuple(p.shape)) if g is None else g.detach().double().numpy())
     return {k: np.stack(v) for k, v in rows.items()}
 
 
