@@ -66,7 +66,8 @@ def _reference(model, x, y, loss_fn, weights_of):
 
 
 def _kwargs(loss_fn):
-    out = {"weight": loss_fn.weight, "ignore_index": loss_fn.ignore_index}
+    weight = None if loss_fn.weight is None else loss_fn.weight.double()  # the reference runs in float64
+    out = {"weight": weight, "ignore_index": loss_fn.ignore_index}
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         out["label_smoothing"] = loss_fn.label_smoothing
     return out
@@ -76,7 +77,7 @@ def _class_weights(loss_fn):
     def weights_of(y):
         counted = (y != loss_fn.ignore_index).double()
         if loss_fn.weight is not None:
-            counted = counted * loss_fn.weight[y.clamp(0)]
+            counted = counted * loss_fn.weight.double()[y.clamp(0)]
         return counted.reshape(y.shape[0], -1).sum(1).numpy()
 
     return weights_of

@@ -26,17 +26,33 @@ def per_sample_functorch(
     buffers = dict(model.named_buffers())
     free = {k: fixed[k] for k in names}
 
+    both = _ModelAndLoss(model, loss_fn)  # the loss inside the call: a loss_fn may use the model's parameters
+    prefix = lambda d: {"model." + k: v for k, v in d.items()}
+
     def loss_one(free_params, xi, yi):
         xb = tree_map(lambda t: t.unsqueeze(0), xi)
-        args, kwargs = model_arguments(xb)
-        out = functional_call(model, ({**fixed, **free_params}, buffers), args, kwargs)
-        return loss_fn(out, yi.unsqueeze(0)).reshape(())
+        params = prefix({**fixed, **free_params})
+        return functional_call(both, (params, prefix(buffers)), (xb, yi.unsqueeze(0))).reshape(())
 
     with warnings.catch_warnings(), kept_slots(model):  # functional_call can leave wrappers in a twice-named module
         # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
         # attention) and says so once per op; the result is exact, so keep the user's log clean.
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
         return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
+
+
+class _ModelAndLoss(nn.Module):
+    """``loss_fn(model(x), y)`` as one module, so that functional_call swaps the parameters for both: a loss
+    that uses parameters of the model (``nn.LinearCrossEntropyLoss`` held by the model) sees them too."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.__dict__["loss_fn"] = loss_fn  # not a submodule: only the model's tensors are swapped
+
+    def forward(self, xb: Inputs, yb: torch.Tensor) -> torch.Tensor:
+        args, kwargs = model_arguments(xb)
+        return self.loss_fn(self.model(*args, **kwargs), yb)
 
 
 def per_sample_loop(

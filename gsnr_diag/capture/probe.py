@@ -41,9 +41,10 @@ class LayoutProbe:
             t[0] = t[other]
             return t
 
-        # A forward may update its own state (spectral norm's power iteration in train mode, counters): both
-        # passes start from the same state, so only the swapped sample can change the outputs.
-        state = ModelState(self.model)
+        # A forward may update its buffers (spectral norm's power iteration in train mode, counters): both
+        # passes start from the same buffers, so only the swapped sample can change the outputs. (Parameters a
+        # forward changes in place, Embedding(max_norm=...), are renormalized the same way in both passes.)
+        state = ModelState(self.model, parameter_values=False)
         seen = [self._probe_forward(first)]
         state.restore()
         seen.append(self._probe_forward(tree_map(swap, first)))

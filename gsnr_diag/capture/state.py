@@ -24,13 +24,14 @@ from torch import nn
 class ModelState:
     """Identity (and optionally value) of every parameter and buffer slot of ``model``."""
 
-    def __init__(self, model: nn.Module, *, values: bool = True):
+    def __init__(self, model: nn.Module, *, values: bool = True, parameter_values: bool = True):
         # (slot dict owner, kind, name, tensor, version, saved value)
         self._slots: list[tuple[nn.Module, str, str, torch.Tensor | None, int, torch.Tensor | None]] = []
         for module in model.modules():
             for kind in ("_parameters", "_buffers"):
                 for name, t in getattr(module, kind).items():
-                    saved = t.detach().clone() if values and t is not None else None
+                    keep = values and t is not None and (parameter_values or kind == "_buffers")
+                    saved = t.detach().clone() if keep else None
                     version = t._version if t is not None else 0
                     self._slots.append((module, kind, name, t, version, saved))
 
@@ -59,9 +60,9 @@ class ModelState:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.is_floating_point() or a.is_complex():
-        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
-    return bool(torch.equal(a, b))
+    if torch.equal(a, b):
+        return True
+    return (a.is_floating_point() or a.is_complex()) and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
 
 
 @contextlib.contextmanager
