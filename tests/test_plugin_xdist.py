@@ -216,3 +216,11 @@ def test_a_malformed_worker_payload_is_reported_not_raised(pytester):
     assert session.records == {} and len(session.errors) == 2
     assert session.errors[0].startswith("the records of gw3: JSONDecodeError")
     assert "gw4" in session.errors[1] and "version 99" in session.errors[1]
+
+
+def test_unusable_gsnr_device_is_named(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_dev="def test_dev(gsnr, build, data):\n    gsnr.stats(build(), data)\n")
+    result = run(pytester, "--gsnr-device=meta")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ArgumentError: --gsnr-device='meta': meta tensors hold no values*"])
