@@ -231,6 +231,13 @@ def test_existing_file_of_another_kind_needs_force(run_file, tmp_path):
     assert notes.read_text() == "my notes, not a report\n"
 
 
+def test_existing_html_page_of_the_user_needs_force(run_file, tmp_path):
+    page = tmp_path / "index.html"
+    page.write_text("<!DOCTYPE html>\n<html><body>my own page</body></html>\n")
+    assert_exit_2(invoke("render", run_file, "--out", page), "not an HTML report written by gsnr-diag")
+    assert "my own page" in page.read_text()
+
+
 def test_existing_report_is_replaced_without_force(run_file, tmp_path):
     out = tmp_path / "r.html"
     assert invoke("render", run_file, "--out", out).exit_code == 0

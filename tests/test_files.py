@@ -337,3 +337,38 @@ def test_sigkilled_control_keeps_both_runs(tmp_path):
     assert run["metadata"]["partial"] is True and run["control"]["partial"] is True
     assert len(run["control"]["shuffled"]["snapshots"]) >= 2
     assert run["control"]["shuffled"]["snapshots"][-1]["step"] < run["control"]["real"]["snapshots"][-1]["step"]
+
+
+def test_fuzz_trajectory_load_refuses_with_a_named_error(tmp_path_factory):
+    """Arbitrary bytes and JSON(L) given to Trajectory.load (and to Monitor(path=...)): only named errors."""
+    import warnings
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from gsnr_diag.errors import TrajectoryFormatError
+
+    leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+    keys = st.sampled_from(["snapshot", "metadata", "step", "mean_gsnr", "layer_gsnr", "extra"]) | st.text(max_size=5)
+    values = st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(keys, c), max_leaves=6)
+    header = '{"schema_version": 1, "kind": "gsnr-diag-trajectory-header", "metadata": {}}\n'
+    lines = st.lists(values.map(json.dumps), max_size=4).map(lambda ls: header + "\n".join(ls))
+    model, data = _setup()
+
+    @settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=120).map(lambda b: b.decode("latin-1")) | lines, st.sampled_from([".json", ".jsonl"]))
+    def check(text, suffix):
+        path = tmp_path_factory.mktemp("t") / ("run" + suffix)
+        path.write_text(text, encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                Trajectory.load(path)
+            except TrajectoryFormatError:
+                pass
+            try:
+                Monitor(model, data, path=path)
+            except MonitorError:
+                pass
+
+    check()

@@ -143,9 +143,11 @@ def report(
             if progress:
                 progress.close()
     except UserCodeError as exc:
+        _note_kept(saved, run_json)
         user_code_failure(exc)
         return
     except (ModelFileError, GsnrDiagError) as exc:
+        _note_kept(saved, run_json)
         raise library_failure(exc, model_file) from exc
     except KeyboardInterrupt:
         if saved[-1].exists():
@@ -165,6 +167,15 @@ def report(
         out, pdf = _beside(out), _beside(pdf)
     write_outputs(run, out, pdf, say, run_json=saved[-1])
     say(f"done in {time.perf_counter() - start:.0f} s")
+
+
+def _note_kept(saved: list[Path], run_json: Path) -> None:
+    if saved[-1] != run_json:
+        click.echo(
+            f"gsnr-diag: the previous, more complete run in {run_json} was kept; what this run measured "
+            f"before it failed is in {saved[-1]}",
+            err=True,
+        )
 
 
 def _beside(path: Path | None) -> Path | None:

@@ -52,9 +52,8 @@ def _content_matches(path: Path, kind: str) -> bool:
         return True  # unreadable: the write itself will say so
     if kind == "pdf":
         return head.startswith(b"%PDF")
-    if kind == "html":
-        low = head.lstrip().lower()
-        return low.startswith(b"<!doctype html") or low.startswith(b"<html")
+    if kind == "html":  # the report templates carry <meta name="generator" content="gsnr-diag">
+        return b'content="gsnr-diag"' in head
     try:
         d = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError, OSError):

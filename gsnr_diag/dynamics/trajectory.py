@@ -54,6 +54,17 @@ class TruncatedTrajectoryWarning(UserWarning):
     """The last line of a JSONL trajectory was cut off (a run killed while writing); it was skipped."""
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v: Any, name: str) -> int:
+    """A non-negative JSON integer (a step, a count); anything else is a TypeError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TypeError(f"{name} = {v!r} is not a non-negative integer")
+    return v
+
+
 def _clean_map(d: dict[str, Any] | None) -> dict[str, float | None]:
     return {str(k): clean_float(v) for k, v in (d or {}).items()}
 
@@ -121,23 +132,26 @@ class Snapshot:
         if "step" not in d:
             raise TrajectoryFormatError(f"snapshot: missing 'step' (keys: {sorted(d)[:8]})")
         try:
-            kw: dict[str, Any] = {"step": int(d["step"])}
-            for f in _FLOAT_FIELDS:
+            kw: dict[str, Any] = {"step": _count(d["step"], "step")}
+            for f in (*_FLOAT_FIELDS, "elapsed"):
+                if d.get(f) is not None and (isinstance(d[f], bool) or not isinstance(d[f], (int, float))):
+                    raise TypeError(f"{f} = {d[f]!r} is not a number")
                 if f in d:
-                    kw[f] = clean_float(d[f]) if d[f] is not None else None
-                    if d[f] is not None and not isinstance(d[f], (int, float)):
-                        raise TypeError(f"{f} = {d[f]!r} is not a number")
+                    kw[f] = clean_float(d[f])
+            kw["elapsed"] = kw.get("elapsed") or 0.0
             for f in _MAP_FIELDS:
                 if d.get(f) is not None:
                     if not isinstance(d[f], dict):
                         raise TypeError(f"{f} is a {type(d[f]).__name__}, expected an object")
+                    bad = [k for k, v in d[f].items() if v is not None and not _is_number(v)]
+                    if bad:
+                        raise TypeError(f"{f}[{bad[0]!r}] = {d[f][bad[0]]!r} is not a number")
                     kw[f] = _clean_map(d[f])
             hist = d.get("layer_log10_gsnr_hist")
             if isinstance(hist, dict):
                 kw["layer_log10_gsnr_hist"] = {str(k): v for k, v in hist.items() if isinstance(v, dict)}
-            kw["elapsed"] = float(d.get("elapsed") or 0.0)
-            kw["undefined"] = int(d.get("undefined") or 0)
-        except (TypeError, ValueError) as exc:
+            kw["undefined"] = _count(d.get("undefined") or 0, "undefined")
+        except (TypeError, ValueError, OverflowError) as exc:
             raise TrajectoryFormatError(f"snapshot at step {d.get('step')!r}: {exc}") from exc
         return cls(**kw)
 
