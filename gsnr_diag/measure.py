@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .capture import GradientCapture
+from .capture.online import paused as online_paused
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .data import iter_batches
@@ -130,6 +131,7 @@ def gradient_stats(
         moments = Moments(signs=signs)
         with (
             torch.enable_grad(),
+            online_paused(),  # these passes are not training steps for an attached OnlineGSNR
             GradientCapture(
                 work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
             ) as capture,
