@@ -15,6 +15,7 @@ from torch import nn
 from .capture import GradientCapture
 from .capture.losses import LossPlan
 from .capture.state import ModelState
+from .capture.online import paused as online_paused
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .core.uncertainty import jackknife_standard_errors
@@ -144,6 +145,7 @@ def gradient_stats(
             plan = LossPlan(loss_fn)  # per-sample losses of weighted, ignore_index and sum losses
             with (
                 torch.enable_grad(),
+                online_paused(),
                 GradientCapture(
                     work, plan, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
                 ) as capture,

@@ -177,7 +177,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     )
     torch.set_num_threads(1)
     X, Y = _data()
-    cb = GSNRCallback((X, Y), every=2, path=f"{out}.jsonl", batch_size=16)
+    cb = GSNRCallback((X, Y), every=2, path=f"{out}.jsonl", batch_size=16, online=2)
     logger = Capture()
     module = Tiny()
     trainer = L.Trainer(
@@ -197,7 +197,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         trainer.fit(module, _loader(X, Y))
     rows = [m for _, m in logger.rows if "gsnr/mean_gsnr" in m]
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    torch.save({"snaps": [s.to_dict() for s in cb.trajectory.snapshots], "rows": rows, "state": state}, f"{out}.{rank}")
+    online = [s.to_dict() for s in cb.online_trajectory.snapshots]
+    torch.save(
+        {"snaps": [s.to_dict() for s in cb.trajectory.snapshots], "rows": rows, "state": state, "online": online},
+        f"{out}.{rank}",
+    )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo")
@@ -215,6 +219,13 @@ def test_ddp_two_ranks_measure_all_data_rank0_logs(tmp_path):
     assert [s["step"] for s in r0["snaps"]] == [0, 2]
     assert [s["mean_gsnr"] for s in r0["snaps"]] == pytest.approx([s["mean_gsnr"] for s in r1["snaps"]], rel=1e-12)
     assert len(r0["rows"]) == 2 and r1["rows"] == []  # only rank 0 logs
+    # online: each rank's two mini-batches of 16 (DistributedSampler), all-reduced: 64 samples on both ranks
+    assert (
+        [s["extra"]["online_samples"] for s in r0["online"]]
+        == [64]
+        == [s["extra"]["online_samples"] for s in r1["online"]]
+    )
+    assert r0["online"][0]["mean_gsnr"] == pytest.approx(r1["online"][0]["mean_gsnr"], rel=1e-12)
     assert Trajectory.load(f"{out}.jsonl").snapshots[-1].step == 2  # only rank 0 wrote (one header)
     # the all-reduced statistics are those of the whole data at the final weights
     module = Tiny()

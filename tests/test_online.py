@@ -216,3 +216,13 @@ def test_steps_end_with_the_backward_even_when_the_models_forward_is_bypassed():
     G = _pooled_reference(weights, batches)
     for k, g in G.items():
         np.testing.assert_allclose(stats.var["net." + k].numpy(), g.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+
+
+def test_full_data_snapshots_while_attached_do_not_enter_the_window():
+    batches = _batches((5,), k=2)
+    model = _mlp()
+    with OnlineGSNR(model, window=5) as online:
+        _train(model, batches[:1], lr=0.1)
+        gradient_stats(model, batches[1])  # its forward and backward passes are not training steps
+        _train(model, batches[1:], lr=0.1)
+    assert online.steps == 2 and online.stats().n == 16

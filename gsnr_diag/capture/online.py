@@ -24,7 +24,8 @@ samples of a batch, so per-sample gradients are undefined: such a forward raises
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +36,25 @@ from ..errors import ModelError
 from .blocks import samples_moments
 from .registry import DEFAULT_BUDGET, RuleContext, find_grad_sampler, find_moment_rule
 
-__all__ = ["LOSS_REDUCTIONS", "LinearSums", "OnlineCapture", "StepMoments"]
+__all__ = ["LOSS_REDUCTIONS", "LinearSums", "OnlineCapture", "StepMoments", "paused"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
+
+_PAUSED = [0]  # > 0 while gsnr-diag's own measurement passes run (gradient_stats): not training steps
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Every online capture ignores the forward and backward passes run inside this block.
+
+    :func:`~gsnr_diag.gradient_stats` (so also ``Monitor.record``) runs in it: a full-data snapshot
+    taken while an online monitor is attached does not enter its window.
+    """
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
 
 
 @dataclass
@@ -248,7 +265,7 @@ class OnlineCapture:
                 )
 
     def _on_forward(self, module, args):
-        if module is not self.model or not torch.is_grad_enabled():  # (a deepcopy made while attached)
+        if module is not self.model or _PAUSED[0] or not torch.is_grad_enabled():  # (deepcopy made while attached)
             return
         self._check_batchnorm()
         self.flush()  # a new forward pass of the model: a previous one never backpropagated is dropped
@@ -275,7 +292,7 @@ class OnlineCapture:
 
     def _make_hook(self, info: _Module):
         def hook(module, args, output):
-            if module is not info.module:  # a deepcopy of the model made while attached carries the hook
+            if module is not info.module or _PAUSED[0]:  # a deepcopy made while attached carries the hook
                 return
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
