@@ -1,7 +1,11 @@
-"""Regenerate benchmarks/RESULTS.md: speed and memory of gsnr-diag against Opacus, torch.func, BackPACK, a loop.
+"""Regenerate benchmarks/RESULTS.md: gsnr-diag end to end against Opacus and torch.func (benchmarks/e2e.py).
 
-    python benchmarks/run.py            # full run (about 20-30 minutes on 2 cores)
-    python benchmarks/run.py --quick    # a smoke run of the plumbing: MLP B=64 only, few repetitions
+    python benchmarks/run.py                  # all models, all columns, 1 thread, CPU (about 10-15 minutes)
+    python benchmarks/run.py --device cuda    # the same on a GPU (wall clock) → RESULTS_cuda.json, then re-render
+    python benchmarks/run.py --quick          # a smoke run of the plumbing (256 samples, few repetitions)
+    python benchmarks/run.py --per-chunk      # the earlier per-chunk protocol → RESULTS_per_chunk.md
+
+The per-chunk protocol (below) times one chunk inside a call:
 
 Speed: for every (model, batch, threads) each method's step is timed interleaved with a plain
 forward+backward (plain, method, plain) in the same process; the ratio of each repetition is the
@@ -232,7 +236,10 @@ def _errors(results: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions; a smoke run")
-    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--out", default=None, help="default RESULTS.md (RESULTS_per_chunk.md with --per-chunk)")
+    ap.add_argument("--per-chunk", action="store_true", help="the per-chunk protocol: more methods, memory")
+    ap.add_argument("--device", default="cpu", help="cpu (CPU time, 1 thread) or cuda (wall clock)")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the end-to-end models")
     ap.add_argument("--render", metavar="JSON", help="only re-render RESULTS.md from a saved results JSON")
     ap.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -241,6 +248,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not a.per_chunk and not a.child:
+        from e2e_run import main_e2e
+
+        main_e2e(a)
+        return
+    a.out = a.out or os.path.join(HERE, "RESULTS_per_chunk.md")
     if a.child == "time":
         print(json.dumps(_time_child(a.threads, a.budget, CONFIGS[2:3] if a.quick else CONFIGS)))
         return
@@ -305,7 +318,7 @@ def main() -> None:
     load_after = os.getloadavg()
     import opacus
 
-    raw = os.path.splitext(a.out)[0] + ".json"
+    raw = os.path.splitext(a.out)[0] + ".json"  # RESULTS_per_chunk.json
     with open(raw, "w") as f:
         json.dump(
             {
@@ -377,7 +390,7 @@ def _render(timing, memory, flat, started, finished, load_before, load_after, qu
         "Regenerate with (from the repository root; about 20 minutes on 2 cores; raw numbers go to "
         "`benchmarks/RESULTS.json`):\n"
     )
-    L.append("```\npython benchmarks/run.py\n```\n")
+    L.append("```\npython benchmarks/run.py --per-chunk\n```\n")
     L.append(
         f"{'**QUICK SMOKE RUN — numbers not for quoting.** ' if quick else ''}"
         f"Run {started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC on {platform.node() or '?'}: {os.cpu_count()} CPUs "
@@ -482,8 +495,8 @@ FC on 32×64 inputs. Synthetic data (standard normal inputs, random labels), flo
     else:
         L.append(flat["table"] + "\n")
     L.extend(_targets(timing, memory, flat))
-    if os.path.exists(os.path.join(HERE, "NOTES.md")):
-        with open(os.path.join(HERE, "NOTES.md")) as fh:
+    if os.path.exists(os.path.join(HERE, "NOTES_per_chunk.md")):
+        with open(os.path.join(HERE, "NOTES_per_chunk.md")) as fh:
             L.append("\n" + fh.read())
     L.append(
         "\n## GPU\n\nGPU figures are pending: no GPU was available to this run. The code keeps every "

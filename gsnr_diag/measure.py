@@ -14,8 +14,8 @@ from torch import nn
 
 from .capture import GradientCapture
 from .capture.losses import LossPlan
-from .capture.state import ModelState
 from .capture.online import paused as online_paused
+from .capture.state import ModelState
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .core.uncertainty import jackknife_standard_errors

@@ -113,3 +113,21 @@ def test_broadcast_against_a_sequence_first_tensor_goes_to_the_fallback():
     torch.manual_seed(0)
     got = compare(SequenceFirst().double(), _x(N, N, D), _y(), nn.CrossEntropyLoss(), fast=False)
     assert got.capture_paths[""] == "functorch"
+
+
+def test_broadcast_paths_exact_over_chunks_with_a_last_chunk_of_one():
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(5))
+    compare(PositionEmbedding(True).double(), ids, _y(), nn.CrossEntropyLoss(), batch_size=3)  # chunks 3, 3, 1
+    compare(BareParams().double(), _x(N, T, D), _y(), nn.CrossEntropyLoss(), batch_size=3)
+
+
+def test_sparse_rows_add_into_a_borrowed_block_copies_it():
+    from gsnr_diag.capture.tied import SparseRows, accumulate
+
+    dense = torch.zeros(2, 3, 2)
+    rows = SparseRows(2, (3, 2), torch.tensor([1, 4]), torch.ones(2, 2))
+    block = {"w": dense}
+    accumulate(block, "w", rows, borrowed={dense.untyped_storage().data_ptr()})
+    assert float(dense.abs().sum()) == 0.0  # the sampler's input is left alone
+    assert block["w"][0, 1].tolist() == [1.0, 1.0] and block["w"][1, 1].tolist() == [1.0, 1.0]

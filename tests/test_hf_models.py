@@ -78,3 +78,13 @@ def test_vit_cls_token_and_position_embeddings_parameters():
     y = torch.randint(0, 3, (N,), generator=g)
     got = compare(model, x, y, _cls_loss)
     assert got.capture_paths["vit.embeddings"] == "grad-sampler"
+
+
+def test_distilbert_classifier():
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=16, num_labels=3
+    )
+    model = transformers.DistilBertForSequenceClassification(cfg).eval().double()
+    y = torch.randint(0, 3, (N,), generator=torch.Generator().manual_seed(3))
+    compare(model, _tokens(40), y, _cls_loss)

@@ -3,9 +3,9 @@
 Its projections are bare parameters used inside ``F.multi_head_attention_forward``, so no layer hook
 sees their inputs and backprops. The rule has both ends: the layer's inputs (query, key, value and
 the masks) and the backprop δ of its output. From the inputs it forms the projections
-q̃ = x_q W_qᵀ + b_q, k̃, ṽ, runs ``F.multi_head_attention_forward`` on them with identity projections
-(so every mask, causal and padding rule is torch's own) to get the attention output o (the input of
-``out_proj``), and one ``autograd.grad`` of o with the output gradient δ W_out gives the backprops
+q̃ = x_q W_qᵀ + b_q, k̃, ṽ, re-runs the attention core on them (``scaled_dot_product_attention`` with
+the masks applied as ``F.multi_head_attention_forward`` does) to get the attention output o (the input
+of ``out_proj``), and one ``autograd.grad`` of o with the output gradient δ W_out gives the backprops
 δq̃, δk̃, δṽ. Then, as for a Linear on a sequence (eq. 1): g_i(W_q) = Σ_t δq̃_it x_q,itᵀ, …,
 g_i(W_out) = Σ_t δ_it o_itᵀ, formed block by block over samples. The attention core never mixes
 samples, so row i of every backprop is sample i's.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
+from .blocks import _combine, compute_dtype, sample_blocks, samples_moments, shared_buffer
 from .linear import linear_moments
 from .registry import RuleContext, register_moment_rule
 
@@ -51,44 +51,53 @@ def _weights(layer: nn.MultiheadAttention):
     return [(layer.q_proj_weight, bs[0]), (layer.k_proj_weight, bs[1]), (layer.v_proj_weight, bs[2])]
 
 
+def _core(layer: nn.MultiheadAttention, q, k, v, a: dict) -> torch.Tensor:
+    """Attention output o ``[B, T, E]`` (before out_proj) from projected q, k, v, with the masks applied as
+    ``F.multi_head_attention_forward`` applies them (canonical float masks, key padding merged per head,
+    the causal hint used only when no mask must be merged)."""
+    B, T, E = q.shape
+    S, H = k.shape[1], layer.num_heads
+    am, causal = a.get("attn_mask"), bool(a.get("is_causal", False))
+    kpm = F._canonical_mask(
+        mask=a.get("key_padding_mask"),
+        mask_name="key_padding_mask",
+        other_type=F._none_or_dtype(am),
+        other_name="attn_mask",
+        target_type=q.dtype,
+    )
+    if causal and kpm is None and not a.get("need_weights", True):
+        am = None
+    else:
+        am = F._canonical_mask(
+            mask=am, mask_name="attn_mask", other_type=None, other_name="", target_type=q.dtype, check_other=False
+        )
+        causal = causal and kpm is None and am is None
+    if am is not None and am.dim() == 2:
+        am = am.unsqueeze(0)
+    if kpm is not None:
+        kpm = kpm.view(B, 1, 1, S).expand(-1, H, -1, -1).reshape(B * H, 1, S)
+        am = kpm if am is None else am + kpm
+    if am is not None:
+        am = am.unsqueeze(0) if am.size(0) == 1 and am.dim() == 3 else am.view(B, H, -1, S)
+    heads = [t.view(B, t.shape[1], H, E // H).transpose(1, 2) for t in (q, k, v)]
+    o = F.scaled_dot_product_attention(*heads, attn_mask=am, dropout_p=0.0, is_causal=causal)
+    return o.transpose(1, 2).reshape(B, T, E)
+
+
 def _backprops(layer: nn.MultiheadAttention, xs: list, d: torch.Tensor, a: dict, dt: torch.dtype):
     """``(o, [δq̃, δk̃, δṽ])``: the out_proj input and the projections' backprops, all ``[B, ·, E]``."""
-    E = layer.embed_dim
     with torch.enable_grad():
-        proj = [
-            F.linear(x.to(dt), W.detach().to(dt), None if b is None else b.detach().to(dt))
-            for x, (W, b) in zip(xs, _weights(layer))
-        ]
-        proj = [p.detach().requires_grad_(True) for p in proj]
-        eye = torch.eye(E, dtype=dt, device=d.device)
-        o, _ = F.multi_head_attention_forward(
-            *(p.transpose(0, 1) for p in proj),
-            E,
-            layer.num_heads,
-            None,
-            None,
-            None,
-            None,
-            False,
-            0.0,
-            eye,
-            None,
-            training=False,
-            key_padding_mask=a.get("key_padding_mask"),
-            need_weights=False,
-            attn_mask=a.get("attn_mask"),
-            use_separate_proj_weight=True,
-            q_proj_weight=eye,
-            k_proj_weight=eye,
-            v_proj_weight=eye,
-            is_causal=bool(a.get("is_causal", False)),
-        )
-        d_o = (d.to(dt) @ layer.out_proj.weight.detach().to(dt)).transpose(0, 1)
+        proj = []
+        for x, (W, b) in zip(xs, _weights(layer)):
+            p = F.linear(x.to(dt), W.detach().to(dt), None if b is None else b.detach().to(dt))
+            proj.append(p.requires_grad_(True))
+        o = _core(layer, *proj, a)
+        d_o = d.to(dt) @ layer.out_proj.weight.detach().to(dt)
         grads = torch.autograd.grad(o, proj, d_o)
-    return o.detach().transpose(0, 1), [g.detach() for g in grads]
+    return o.detach(), [g.detach() for g in grads]
 
 
-def _in_proj_moments(layer, xs: list, ds: list, dt, signs: bool, budget: float) -> dict:
+def _in_proj_moments(layer, xs: list, ds: list, dt, signs: bool, budget: float, scratch: dict | None) -> dict:
     """Moments of the input projections' weights (packed or separate) and the packed bias."""
     out: dict = {}
     B = int(ds[0].shape[0])
@@ -105,12 +114,13 @@ def _in_proj_moments(layer, xs: list, ds: list, dt, signs: bool, budget: float) 
         per_sample = W.numel() * (3 * isz + 2) + sum(xs[j][0].numel() + ds[j][0].numel() for j in parts) * isz
         acc = None
         for s, e in sample_blocks(B, per_sample, budget):
+            buf = shared_buffer(scratch, "g", (e - s, *W.shape), dt, W.device)
             if same:  # self-attention: one product for the packed weight, [δq̃ δk̃ δṽ]ᵀ x
                 dcat = torch.cat([ds[j][s:e] for j in parts], dim=-1)
-                g = torch.bmm(dcat.transpose(1, 2), xs[parts[0]][s:e].to(dt))
+                g = torch.bmm(dcat.transpose(1, 2), xs[parts[0]][s:e].to(dt), out=buf)
             else:
                 g = torch.cat([torch.bmm(ds[j][s:e].transpose(1, 2), xs[j][s:e].to(dt)) for j in parts], dim=1)
-            acc = _combine(acc, samples_moments(g, signs))
+            acc = _combine(acc, samples_moments(g, signs, scratch))
             del g
         out[W] = acc
     b = layer.in_proj_bias
@@ -140,7 +150,7 @@ def multihead_attention_moments(layer: nn.MultiheadAttention, ctx: RuleContext) 
     if v is k:
         xs[2] = xs[1]
     o, ds = _backprops(layer, xs, d, a, dt)
-    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget)
+    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget, ctx.scratch)
     proj = RuleContext([o], d, ctx.signs, ctx.budget, None, ctx.scratch)
     out.update(linear_moments(layer.out_proj, proj) or {})
     return out

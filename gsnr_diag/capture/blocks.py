@@ -19,12 +19,31 @@ def sample_blocks(batch: int, per_sample_bytes: float, budget: float):
         yield s, min(batch, s + step)
 
 
-def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
+def shared_buffer(scratch: dict | None, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """A work buffer of ``shape`` shared by every layer (layers are reduced one after another), grown as needed.
+
+    Reusing it across layers and chunks spares the page faults of a fresh block each time; its size
+    stays within one block of the largest layer (``max_memory_mb``). ``None`` without ``scratch``.
+    """
+    if scratch is None:
+        return None
+    n = 1
+    for s in shape:
+        n *= int(s)
+    key = ("shared", name, dtype, str(device))
+    t = scratch.get(key)
+    if t is None or t.numel() < n:
+        t = scratch[key] = torch.empty(n, dtype=dtype, device=device)
+    return t[:n].view(tuple(shape))
+
+
+def samples_moments(g: torch.Tensor, signs: bool, scratch: dict | None = None) -> ChunkMoments:
     """Moments of materialized per-sample gradients ``g`` [b, *shape] (two-pass, no Σg² − nḡ²).
 
     float64 input: :meth:`ChunkMoments.from_samples`. float32 input: the two passes run in
     float32 (the per-sample gradients themselves carry float32 rounding; a two-pass M2 adds
-    only ~1e-7 relative error on top) and the results are stored in float64.
+    only ~1e-7 relative error on top) and the results are stored in float64. ``scratch``: the
+    rules' work-buffer dict (the deviations go into a shared buffer; ``g`` must not be that buffer).
     """
     if g.dtype == torch.float64:
         return ChunkMoments.from_samples(g, signs)
@@ -32,23 +51,44 @@ def samples_moments(g: torch.Tensor, signs: bool) -> ChunkMoments:
     b = int(g.shape[0])
     shape = g.shape[1:]
     flat = g.reshape(b, -1)
-    mean64 = flat.sum(0, dtype=torch.float64).div_(b)  # exact sum: identical samples give M2 = 0
-    # Sums over the samples as products with a row of ones (a GEMV: ~3× faster than .sum(0) on
-    # [b, N], same float32 accumulation); one work buffer serves the deviations and the signs.
+    N = int(flat.shape[1])
+    if signs and b >= 2**24:
+        return _moments_64_counts(g)
+    # Sums over the samples as products with a row of ones (a GEMV, ~3× faster than .sum(0) on
+    # [b, N], the same float32 accumulation), over column blocks of ~256 KB so that the passes
+    # (mean, deviations, squares, signs) run in cache; one work buffer serves every block.
     ones = torch.ones(1, b, dtype=torch.float32, device=g.device)
-    work = torch.sub(flat, mean64.to(torch.float32))
-    m2 = ones @ work.square_()
+    cw = N if g.device.type != "cpu" else max(64, min(N, (256 << 10) // (4 * b)))
+    buf = shared_buffer(scratch, "work", (b * cw,), torch.float32, g.device)
+    work = torch.empty(b * cw, dtype=torch.float32, device=g.device) if buf is None else buf
+    out = torch.empty(4 if signs else 2, N, dtype=torch.float32, device=g.device)
+    m2 = out[1:2]
+    mean64 = flat.sum(0, dtype=torch.float64).div_(b)  # exact sum: identical samples give M2 = 0
+    mean32 = mean64.to(torch.float32).unsqueeze(0)
+    for c0 in range(0, N, cw):
+        c1 = min(N, c0 + cw)
+        blk, w = flat[:, c0:c1], work[: b * (c1 - c0)].view(b, c1 - c0)
+        mc = mean32[:, c0:c1]
+        torch.mm(ones, torch.sub(blk, mc, out=w).square_(), out=m2[:, c0:c1])
+        if signs:
+            # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
+            torch.mm(ones, torch.sign(blk, out=w), out=out[2:3, c0:c1])
+            torch.mm(ones, w.abs_(), out=out[3:4, c0:c1])
     pos = neg = None
-    if signs and b < 2**24:
-        # S = Σ sign(g), N = Σ |sign(g)| (exact integers in float32); #pos = (N + S)/2, #neg = N − #pos
-        s_cnt = ones @ torch.sign(flat, out=work)
-        n_cnt = ones @ work.abs_()
+    if signs:
+        s_cnt, n_cnt = out[2], out[3]
         pos = s_cnt.add_(n_cnt).mul_(0.5).reshape(shape)
-        neg = n_cnt.sub_(pos.reshape(n_cnt.shape)).reshape(shape)
-    elif signs:
-        pos = (g > 0).sum(0, dtype=torch.float64)
-        neg = (g < 0).sum(0, dtype=torch.float64)
+        neg = n_cnt.sub_(out[2]).reshape(shape)
     return ChunkMoments(b, mean64.reshape(shape), m2.reshape(shape).to(torch.float64), pos, neg)
+
+
+def _moments_64_counts(g: torch.Tensor) -> ChunkMoments:
+    """Two-pass moments with float64 sign counts (2²⁴ samples or more: float32 counts would not be exact)."""
+    mean = g.mean(0)
+    m2 = (g - mean).square_().sum(0)
+    pos = (g > 0).sum(0, dtype=torch.float64)
+    neg = (g < 0).sum(0, dtype=torch.float64)
+    return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
 
 
 def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:

@@ -124,7 +124,7 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                 to_batch_first=getattr(rule, "to_batch_first", None),
             )
         self._fallback_method = PATH_FUNCTORCH
-        self._plan = PassPlan()
+        self._plan = PassPlan(next(iter(self.params.values())).device)
         self._handles: list = []
         self._enabled = False
         self._probing = False

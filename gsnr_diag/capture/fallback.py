@@ -38,7 +38,8 @@ def per_sample_functorch(
         # vmap falls back to a slow loop for ops without a batching rule (e.g. CPU flash
         # attention) and says so once per op; the result is exact, so keep the user's log clean.
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-        return vmap(grad(loss_one), in_dims=(None, 0, 0))(free, x, y)
+        # randomness="different": dropout in train mode draws its own mask per sample, as the batch-of-one loop does.
+        return vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(free, x, y)
 
 
 class _ModelAndLoss(nn.Module):

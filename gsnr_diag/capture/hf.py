@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
+from .blocks import _combine, compute_dtype, sample_blocks, samples_moments, shared_buffer
 from .linear import _bias_moments, _linear_weight_moments
 from .registry import RuleContext, register_grad_sampler, register_moment_rule
 
@@ -54,8 +54,9 @@ def conv1d_moments(layer, ctx: RuleContext) -> dict | None:
         per_sample = W.numel() * (3 * isz + 2) + (a.shape[1] * (a.shape[2] + d.shape[2])) * isz
         acc = None
         for s, e in sample_blocks(B, per_sample, ctx.budget):
-            g = torch.bmm(a[s:e].to(dt).transpose(1, 2), d[s:e].to(dt))
-            acc = _combine(acc, samples_moments(g, ctx.signs))
+            buf = shared_buffer(ctx.scratch, "g", (e - s, *W.shape), dt, W.device)
+            g = torch.bmm(a[s:e].to(dt).transpose(1, 2), d[s:e].to(dt), out=buf)
+            acc = _combine(acc, samples_moments(g, ctx.signs, ctx.scratch))
             del g
         out[W] = acc
     if b is not None and b.requires_grad:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..core.moments import ChunkMoments
-from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments
+from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments, shared_buffer
 from .registry import RuleContext, register_moment_rule
 
 
@@ -144,8 +144,9 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
         per_sample = W.numel() * (3 * isz + 2) + (a.shape[1] * (a.shape[2] + d.shape[2])) * isz
         acc = None
         for s, e in sample_blocks(B, per_sample, budget):
-            g = torch.bmm(d[s:e].to(dt).transpose(1, 2), a[s:e].to(dt))
-            acc = _combine(acc, samples_moments(g, signs))
+            buf = shared_buffer(scratch, "g", (e - s, *W.shape), dt, W.device)
+            g = torch.bmm(d[s:e].to(dt).transpose(1, 2), a[s:e].to(dt), out=buf)
+            acc = _combine(acc, samples_moments(g, signs, scratch))
             del g
         out[W] = acc
     if b is not None and b.requires_grad:

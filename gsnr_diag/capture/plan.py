@@ -11,12 +11,25 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 
 class PassPlan:
-    """CPU seconds per sample of the two plans; ``one_pass()`` says which to run next."""
+    """Seconds per sample of the two plans; ``one_pass()`` says which to run next.
 
-    def __init__(self) -> None:
+    CPU time of the process on CPU; on a GPU, wall-clock time after synchronizing (kernels run
+    asynchronously, so CPU time would only count their launches).
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.seconds: dict[bool, float] = {}
+        self.device = device if device is not None and device.type == "cuda" else None
+
+    def _now(self) -> float:
+        if self.device is None:
+            return time.process_time()
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def one_pass(self) -> bool:
         if True not in self.seconds:
@@ -26,8 +39,8 @@ class PassPlan:
         return self.seconds[True] <= self.seconds[False]
 
     def start(self) -> float:
-        return time.process_time()
+        return self._now()
 
     def record(self, one: bool, started: float, samples: int) -> None:
-        per_sample = (time.process_time() - started) / max(samples, 1)
+        per_sample = (self._now() - started) / max(samples, 1)
         self.seconds[one] = min(self.seconds.get(one, per_sample), per_sample)

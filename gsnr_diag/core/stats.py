@@ -42,18 +42,16 @@ SCHEMA_VERSION = 1
 
 def gsnr_from_moments(mean: torch.Tensor, var: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
     """r_j = ḡ_j² / (ρ²_j + ε) (eq. 2); NaN where the denominator is 0."""
-    denom = var + epsilon
-    r = mean.square() / denom
-    return torch.where(denom > 0, r, torch.full_like(r, math.nan))
+    denom = var + epsilon if epsilon else var
+    r = mean.square().div_(denom)
+    return r.masked_fill_(~(denom > 0), math.nan)
 
 
 def same_sign_fraction(mean: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """pos/(pos+neg) where ḡ > 0, neg/(pos+neg) where ḡ < 0; NaN where ḡ = 0 or pos+neg = 0 (Sec. 3.1)."""
     total = pos + neg
-    agree = torch.where(mean > 0, pos, neg)
-    frac = agree / total.clamp(min=1)
-    defined = (mean != 0) & (total > 0)
-    return torch.where(defined, frac, torch.full_like(frac, math.nan))
+    frac = torch.where(mean > 0, pos, neg).to(torch.float64).div_(total)  # 0/0 = NaN where no sample is non-zero
+    return frac.masked_fill_(mean == 0, math.nan)
 
 
 def osgr_single_set(means: list[torch.Tensor], variances: list[torch.Tensor], n: int) -> float | None:
@@ -81,23 +79,49 @@ def opposite_sign_fraction(
     for name, w in weights.items():
         if w.ndim < 2 or name not in means:
             continue
-        w64 = w.detach().to(torch.float64).flatten().cpu()
-        g = means[name].flatten().cpu()
+        wf = w.detach().flatten().cpu().numpy()
+        against = (wf * means[name].flatten().cpu().numpy()) < 0
         if top_fraction is not None:
-            k = max(1, math.ceil(top_fraction * w64.numel()))
-            idx = torch.topk(w64.abs(), k).indices
-            w64, g = w64[idx], g[idx]
-        opposite += int(((w64 * g) < 0).sum())
-        total += w64.numel()
+            # the k largest |W| (ties: lower index first, as a stable sort), by one selection, no sort
+            k = max(1, math.ceil(top_fraction * wf.size))
+            a = np.abs(wf)
+            thr = np.partition(a, wf.size - k)[wf.size - k]
+            above = a > thr
+            ties = np.flatnonzero(a == thr)[: k - int(above.sum())]
+            opposite += int(against[above].sum()) + int(against[ties].sum())
+            total += k
+        else:
+            opposite += int(against.sum())
+            total += wf.size
     return opposite / total if total else None
 
 
 def _nanmean(t: torch.Tensor) -> float | None:
     """Mean over the defined (non-NaN) elements; ``None`` when there are none."""
-    count = int((~torch.isnan(t)).sum())
+    count = t.numel() - int(torch.isnan(t).sum())
     if count == 0:
         return None
     return float(torch.nansum(t)) / count
+
+
+def _quantiles(flat: torch.Tensor, qs=(0.5, 0.9)) -> tuple[list[float] | None, int, float | None]:
+    """``(quantiles of the defined elements (numpy's linear rule), #NaN, mean of the defined)`` by one selection."""
+    a = flat.numpy()
+    nan = np.isnan(a)
+    undefined = int(nan.sum())
+    d = a[~nan] if undefined else a.copy()
+    if not d.size:
+        return None, undefined, None
+    mean = float(d.sum()) / d.size
+    pos = [q * (d.size - 1) for q in qs]
+    idx = sorted({int(math.floor(p)) for p in pos} | {min(d.size - 1, int(math.floor(p)) + 1) for p in pos})
+    d.partition(idx)
+    out = []
+    for p in pos:
+        lo = int(math.floor(p))
+        hi = min(d.size - 1, lo + 1)
+        out.append(float(d[lo] + (d[hi] - d[lo]) * (p - lo)))
+    return out, undefined, mean
 
 
 @dataclass
@@ -290,13 +314,8 @@ def stats_from_moments(
         }
 
     flat_r = torch.cat([gsnr[k].flatten() for k in names]) if names else torch.empty(0, dtype=torch.float64)
-    defined_r = flat_r[~torch.isnan(flat_r)]
-    mean_gsnr = float(defined_r.mean()) if defined_r.numel() else None
-    if defined_r.numel():
-        q = np.quantile(defined_r.numpy(), [0.5, 0.9])
-        quantiles = {"median": float(q[0]), "p90": float(q[1])}
-    else:
-        quantiles = {"median": None, "p90": None}
+    q, undefined, mean_gsnr = _quantiles(flat_r)
+    quantiles = {"median": None, "p90": None} if q is None else {"median": q[0], "p90": q[1]}
     layer_gsnr = {k: _nanmean(gsnr[k]) for k in names}
 
     layer_same_sign: dict[str, float | None] = {}
@@ -324,7 +343,7 @@ def stats_from_moments(
         osgr=clean_float(osgr_single_set(list(mean.values()), list(var.values()), n)),
         opposite_sign=opposite_sign_fraction(w, mean),
         opposite_sign_top10=opposite_sign_fraction(w, mean, top_fraction=0.1),
-        undefined=int(torch.isnan(flat_r).sum()),
+        undefined=undefined,
         same_sign_undefined=same_sign_undefined,
         capture_paths=dict(capture_paths or {}),
         mode=mode,
