@@ -335,7 +335,8 @@ class GradientCapture(LayoutProbe):
             err = float((total - ref).abs().max()) if total.numel() else 0.0
             if not math.isfinite(err):
                 continue  # non-finite gradients are reported separately
-            if err > 1e-4 * scale + 1e-30:
+            floor = 0.0 if c.floor is None or not c.floor.numel() else batch * float(c.floor.max())  # rounding
+            if err > 1e-4 * scale + floor + 1e-30:
                 moved.add(k)
         for k in moved:
             for info in self._modules.values():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..core.moments import ChunkMoments
-from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments
+from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments, sum_moments
 from .registry import RuleContext, register_moment_rule
 
 
@@ -98,10 +98,10 @@ def _linear_weight_moments(
     return ChunkMoments(B, mean, m2, pos, neg)
 
 
-def _bias_moments(d: torch.Tensor, signs: bool) -> ChunkMoments:
-    """Per-sample bias gradients d [B, ..., C] summed over the middle dimensions."""
+def _bias_moments(d: torch.Tensor, signs: bool, eps_dtype: torch.dtype) -> ChunkMoments:
+    """Per-sample bias gradients d [B, ..., C] summed over the middle dimensions (with round-off evidence)."""
     if d.ndim > 2:
-        d = d.reshape(d.shape[0], -1, d.shape[-1]).sum(1)
+        return sum_moments(d.reshape(d.shape[0], -1, d.shape[-1]), (1,), signs, eps_dtype)
     return samples_moments(d, signs)
 
 
@@ -149,5 +149,5 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
             del g
         out[W] = acc
     if b is not None and b.requires_grad:
-        out[b] = _bias_moments(d.to(dt), signs)
+        out[b] = _bias_moments(d.to(dt), signs, d.dtype)
     return out

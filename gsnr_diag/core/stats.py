@@ -9,8 +9,9 @@ Definitions follow shared/SCIENCE.md and Liu et al. (ICLR 2020):
 * ``osgr`` R = 1 − Σ_j ρ²_j / (n · Σ_j ḡ_j²)              (single-set estimate of eq. 19 / eq. 22)
 * ``opposite_sign``: over weight tensors (ndim ≥ 2), share of elements with W_j·ḡ_j < 0   (Sec. 3.3, Fig. 7b)
 
-Undefined elements (ρ² = 0; for same-sign ḡ = 0 or no non-zero sample) are NaN in the
-per-element tensors, excluded from every average and counted.
+Undefined elements (ρ² = 0, or every per-sample gradient at round-off level (core/roundoff.py);
+for same-sign also ḡ = 0 or no non-zero sample) are NaN in the per-element tensors, excluded from
+every average and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .._format import number, text_table
 from .._io import check_schema_version, clean_float
 from .moments import Moments
+from .roundoff import roundoff_mask
 
 __all__ = [
     "GradientStats",
@@ -126,6 +128,9 @@ class GradientStats:
     mode: str = "eval"
     epsilon: float = 0.0
     skipped_nonfinite: int = 0
+    roundoff: int = 0  # of ``undefined``: elements whose per-sample gradients are all rounding noise (core/roundoff.py)
+    layer_undefined: dict[str, int] = field(default_factory=dict)
+    layer_roundoff: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_elements(self) -> int:
@@ -133,8 +138,9 @@ class GradientStats:
         return sum(t.numel() for t in self.mean.values())
 
     def summary(self) -> str:
-        """A per-parameter text table: shape, elements, mean and median GSNR, same-sign, capture path."""
-        head = ["parameter", "shape", "elements", "mean GSNR", "median GSNR", "same-sign", "undef", "path"]
+        """A per-parameter text table: shape, elements, mean and median GSNR, same-sign, undefined elements
+        (of which at round-off level), capture path."""
+        head = ["parameter", "shape", "elements", "mean GSNR", "median GSNR", "same-sign", "undef", "round-off", "path"]
         rows = []
         for name, r in self.gsnr.items():
             defined = r[~torch.isnan(r)]
@@ -150,14 +156,16 @@ class GradientStats:
                     number(med),
                     "-" if ss is None else f"{ss:.3f}",
                     str(int(torch.isnan(r).sum())),
+                    str(self.layer_roundoff.get(name, 0)),
                     self.capture_paths.get(module, self.capture_paths.get(name, "?")),
                 ]
             )
-        out = text_table(head, rows, indent="", left=(0, 1, 7))
+        out = text_table(head, rows, indent="", left=(0, 1, 8))
         q = self.gsnr_quantiles
         out.append("")
         out.append(
-            f"n = {self.n} samples, {self.num_elements} elements ({self.undefined} with zero variance excluded), "
+            f"n = {self.n} samples, {self.num_elements} elements ({self.undefined} undefined excluded: "
+            f"{self.undefined - self.roundoff} with zero variance, {self.roundoff} at round-off level), "
             f"measured in {self.mode} mode"
         )
         out.append(
@@ -188,6 +196,9 @@ class GradientStats:
             "mode": self.mode,
             "epsilon": self.epsilon,
             "skipped_nonfinite": self.skipped_nonfinite,
+            "roundoff": self.roundoff,
+            "layer_undefined": dict(self.layer_undefined),
+            "layer_roundoff": dict(self.layer_roundoff),
         }
 
     def to_dict(self, tensors: bool = True) -> dict[str, Any]:
@@ -230,6 +241,9 @@ class GradientStats:
                 mode=d.get("mode", "eval"),
                 epsilon=float(d.get("epsilon", 0.0)),
                 skipped_nonfinite=int(d.get("skipped_nonfinite", 0)),
+                roundoff=int(d.get("roundoff", 0)),
+                layer_undefined={k: int(v) for k, v in (d.get("layer_undefined") or {}).items()},
+                layer_roundoff={k: int(v) for k, v in (d.get("layer_roundoff") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc
@@ -260,10 +274,19 @@ def stats_from_moments(
     mean = {k: moments.mean[k].detach().to("cpu", torch.float64) for k in names}
     var = {k: (moments.m2[k].detach().to("cpu", torch.float64) / (n - 1)) for k in names}
     gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
+    ev = lambda store, k: store[k].detach().cpu() if k in store else None
+    roundoff = {
+        k: roundoff_mask(var[k], weights[k].dtype, ev(moments.amax, k), ev(moments.floor, k), ev(moments.resolved, k))
+        for k in names
+    }
+    gsnr = {k: gsnr[k].masked_fill(roundoff[k], math.nan) for k in names}
     same_sign = None
     if moments.signs:
         same_sign = {
-            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()) for k in names
+            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()).masked_fill(
+                roundoff[k], math.nan
+            )
+            for k in names
         }
 
     flat_r = torch.cat([gsnr[k].flatten() for k in names]) if names else torch.empty(0, dtype=torch.float64)
@@ -306,4 +329,7 @@ def stats_from_moments(
         mode=mode,
         epsilon=epsilon,
         skipped_nonfinite=skipped_nonfinite,
+        roundoff=sum(int(m.sum()) for m in roundoff.values()),
+        layer_undefined={k: int(torch.isnan(gsnr[k]).sum()) for k in names},
+        layer_roundoff={k: int(roundoff[k].sum()) for k in names},
     )

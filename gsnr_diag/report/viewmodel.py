@@ -39,6 +39,7 @@ class LayerRow:
     gsnr_median: str
     same_sign: str
     opposite_sign: str
+    undefined: str = "–"
 
 
 @dataclass
@@ -81,6 +82,8 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
     layer_ss = final.get("layer_same_sign") or last.get("layer_same_sign") or {}
     medians = final.get("layer_gsnr_median") or {}
     opposite = final.get("layer_opposite_sign") or {}
+    undefined = final.get("layer_undefined") or {}
+    roundoff = final.get("layer_roundoff") or {}
     names = list(dict.fromkeys(list(counts) + list(layer_gsnr)))
     rows = [
         LayerRow(
@@ -90,16 +93,26 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
             gsnr_median=fmt(medians.get(n)),
             same_sign=fmt(layer_ss.get(n)),
             opposite_sign=fmt_pct(opposite.get(n)) if n in opposite else "–",
+            undefined=_undefined(undefined.get(n), roundoff.get(n)),
         )
         for n in names
     ]
     note = (
         "Final GSNR per parameter tensor at the end of training; same-sign and opposite-sign as defined above "
-        "(opposite-sign only for weight tensors with ≥ 2 dimensions). '–' = undefined or not measured."
+        "(opposite-sign only for weight tensors with ≥ 2 dimensions). '–' = undefined or not measured. "
+        "Undefined: elements left out of every average, because their gradient variance is zero or because "
+        "every per-sample gradient is at floating-point round-off level (counted in parentheses)."
     )
     if not final:
         note += " Median and opposite-sign columns need the final measurement, which this run does not have."
     return rows, note
+
+
+def _undefined(count: Any, roundoff: Any) -> str:
+    if clean_float(count) is None:
+        return "–"
+    r = int(roundoff or 0)
+    return fmt_int(count) + (f" ({fmt_int(r)} round-off)" if r else "")
 
 
 # ----------------------------------------------------------------------------- header / appendix
