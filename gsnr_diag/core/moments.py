@@ -22,9 +22,9 @@ class ChunkMoments:
     """Moments of one parameter over one chunk of samples (float64, on any device).
 
     ``pos``/``neg`` (counts) may be of an integer dtype; :class:`Moments` stores them as float64.
-    Round-off evidence (:mod:`.roundoff`), each optional: ``amax`` = max_i |g_ij| (materialized
-    per-sample gradients); ``floor`` = max_i of a sample's round-off bound and ``resolved`` = the
-    number of samples with |g_ij| above their bound (rules that form g_ij as a sum of known terms).
+    Round-off evidence (:mod:`.roundoff`) of rules that form g_ij as a sum of known terms, optional:
+    ``floor`` = max_i of a sample's round-off bound, ``resolved`` = the number of samples with
+    |g_ij| above their bound.
     """
 
     count: int
@@ -32,7 +32,6 @@ class ChunkMoments:
     m2: torch.Tensor
     pos: torch.Tensor | None = None
     neg: torch.Tensor | None = None
-    amax: torch.Tensor | None = None
     floor: torch.Tensor | None = None
     resolved: torch.Tensor | None = None
 
@@ -40,13 +39,17 @@ class ChunkMoments:
     def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> ChunkMoments:
         """Two-pass moments of per-sample gradients ``grad_sample`` of shape ``[B, *param.shape]``."""
         g = grad_sample.detach().to(torch.float64)
-        mean = (g - g[0]).mean(0).add_(g[0])  # shifted by sample 0: identical samples give M2 = 0 exactly
+        mean = g.mean(0)
         m2 = (g - mean).square_().sum(0)
+        same = (g == g[0]).all(0)  # bitwise-identical samples: ρ² = 0 exactly (the float mean may round)
+        if bool(same.any()):
+            mean = torch.where(same, g[0], mean)
+            m2 = m2.masked_fill_(same, 0.0)
         pos = neg = None
         if signs:
             pos = (grad_sample > 0).sum(0, dtype=torch.float64)
             neg = (grad_sample < 0).sum(0, dtype=torch.float64)
-        return cls(int(g.shape[0]), mean, m2, pos, neg, amax=g.abs().amax(0))
+        return cls(int(g.shape[0]), mean, m2, pos, neg)
 
     @classmethod
     def from_sums(
@@ -80,7 +83,6 @@ class ChunkMoments:
             m2,
             pos,
             neg,
-            both(self.amax, other.amax, torch.maximum),
             both(self.floor, other.floor, torch.maximum),
             both(self.resolved, other.resolved, torch.add),
         )
@@ -105,7 +107,6 @@ class Moments:
     pos: dict[str, torch.Tensor] = field(default_factory=dict)
     neg: dict[str, torch.Tensor] = field(default_factory=dict)
     # round-off evidence (ChunkMoments); a parameter keeps an entry only while every chunk had it
-    amax: dict[str, torch.Tensor] = field(default_factory=dict)
     floor: dict[str, torch.Tensor] = field(default_factory=dict)
     resolved: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -157,7 +158,7 @@ class Moments:
                     torch.maximum(acc, t.to(acc.dtype), out=acc)
 
     def _evidence(self, chunk: ChunkMoments):
-        return ((self.amax, chunk.amax), (self.floor, chunk.floor), (self.resolved, chunk.resolved))
+        return ((self.floor, chunk.floor), (self.resolved, chunk.resolved))
 
     def merge(self, other: Moments) -> Moments:
         """Merge another accumulator into this one (in place) and return self."""
@@ -170,7 +171,6 @@ class Moments:
                     other.m2[name],
                     other.pos.get(name),
                     other.neg.get(name),
-                    other.amax.get(name),
                     other.floor.get(name),
                     other.resolved.get(name),
                 ),
@@ -187,7 +187,6 @@ class Moments:
             move(self.m2),
             move(self.pos),
             move(self.neg),
-            move(self.amax),
             move(self.floor),
             move(self.resolved),
         )
@@ -204,8 +203,8 @@ def all_reduce_moments(moments: Moments, group=None) -> Moments:
 
     Two all-reduce rounds per tensor: first counts and Σ nᵣ·meanᵣ give the global mean,
     then Σ (M2ᵣ + nᵣ·(meanᵣ − mean)²) gives the global M2 — Chan's formula over ranks.
-    Sign counts are summed; round-off evidence is combined by max (``amax``, ``floor``) and sum
-    (``resolved``) — every rank must hold the same parameters' evidence.
+    Sign counts are summed; round-off evidence is combined by max (``floor``) and sum (``resolved``) —
+    every rank must hold the same parameters' evidence.
     """
     import torch.distributed as dist
 
@@ -227,9 +226,8 @@ def all_reduce_moments(moments: Moments, group=None) -> Moments:
         if moments.signs:
             dist.all_reduce(moments.pos[k], group=group)
             dist.all_reduce(moments.neg[k], group=group)
-        for store, op in ((moments.amax, dist.ReduceOp.MAX), (moments.floor, dist.ReduceOp.MAX)):
-            if k in store:
-                dist.all_reduce(store[k], op=op, group=group)
+        if k in moments.floor:
+            dist.all_reduce(moments.floor[k], op=dist.ReduceOp.MAX, group=group)
         if k in moments.resolved:
             dist.all_reduce(moments.resolved[k], group=group)
     return moments

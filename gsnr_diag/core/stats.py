@@ -276,7 +276,7 @@ def stats_from_moments(
     gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
     ev = lambda store, k: store[k].detach().cpu() if k in store else None
     roundoff = {
-        k: roundoff_mask(var[k], weights[k].dtype, ev(moments.amax, k), ev(moments.floor, k), ev(moments.resolved, k))
+        k: roundoff_mask(mean[k], var[k], n, weights[k].dtype, ev(moments.floor, k), ev(moments.resolved, k))
         for k in names
     }
     gsnr = {k: gsnr[k].masked_fill(roundoff[k], math.nan) for k in names}
