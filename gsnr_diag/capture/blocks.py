@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.moments import ChunkMoments
+from ..core.roundoff import sum_floor
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -89,6 +92,23 @@ def _moments_64_counts(g: torch.Tensor) -> ChunkMoments:
     pos = (g > 0).sum(0, dtype=torch.float64)
     neg = (g < 0).sum(0, dtype=torch.float64)
     return ChunkMoments(int(g.shape[0]), mean.to(torch.float64), m2.to(torch.float64), pos, neg)
+
+
+def sum_moments(t: torch.Tensor, dims: tuple[int, ...], signs: bool, eps_dtype: torch.dtype) -> ChunkMoments:
+    """Moments of per-sample gradients g_i = Σ_p t_ip (``t`` summed over ``dims``), with round-off evidence.
+
+    Besides :func:`samples_moments` of g, records each element's round-off bound
+    (:func:`~gsnr_diag.core.roundoff.sum_floor` of Σ_p |t_ip|, with ε of ``eps_dtype``, the dtype the terms
+    were computed in) and how many samples exceed it, so that a sum that is zero in exact arithmetic
+    (a bias before a normalization) is recognized as rounding noise.
+    """
+    g = t.sum(dims)
+    terms = math.prod(t.shape[d] for d in dims)
+    floor = sum_floor(t.abs().sum(dims), terms, eps_dtype)
+    c = samples_moments(g, signs)
+    c.floor = floor.amax(0).to(torch.float64)
+    c.resolved = (g.abs() > floor).sum(0, dtype=torch.float64)
+    return c
 
 
 def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:

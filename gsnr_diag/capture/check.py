@@ -35,7 +35,8 @@ def inconsistent(
         total = c.mean * batch
         ref = torch.zeros_like(total) if g is None else g.to(torch.float64) * batch
         err = float((total - ref).abs().max()) if total.numel() else 0.0
-        errs[k] = (err, _scale(c, ref, batch))
+        floor = 0.0 if getattr(c, "floor", None) is None or not c.floor.numel() else batch * float(c.floor.max())
+        errs[k] = (max(err - floor, 0.0), _scale(c, ref, batch))  # floor: the rule's own rounding bound
     layer_scale = {}
     for names in layers:
         s = max((errs[k][1] for k in names if k in errs), default=0.0)

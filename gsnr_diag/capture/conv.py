@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.moments import ChunkMoments
-from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
+from .blocks import _combine, compute_dtype, sample_blocks, samples_moments, sum_moments
 from .registry import RuleContext, register_moment_rule
 
 
@@ -125,5 +125,5 @@ def conv_moments(layer: nn.modules.conv._ConvNd, ctx: RuleContext) -> dict | Non
             del g
         out[W] = acc
     if bias is not None and bias.requires_grad:
-        out[bias] = samples_moments(d.to(dt).reshape(B, cout, -1).sum(-1), signs)
+        out[bias] = sum_moments(d.to(dt).reshape(B, cout, -1), (2,), signs, d.dtype)
     return out

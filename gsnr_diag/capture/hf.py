@@ -60,7 +60,7 @@ def conv1d_moments(layer, ctx: RuleContext) -> dict | None:
             del g
         out[W] = acc
     if b is not None and b.requires_grad:
-        out[b] = _bias_moments(d.to(dt), ctx.signs)
+        out[b] = _bias_moments(d.to(dt), ctx.signs, d.dtype)
     return out
 
 

@@ -6,14 +6,23 @@ import torch
 from torch import nn
 
 from ..core.moments import ChunkMoments
-from .blocks import _buffer, _combine, _count_mm, compute_dtype, sample_blocks, samples_moments, shared_buffer
+from .blocks import (
+    _buffer,
+    _combine,
+    _count_mm,
+    compute_dtype,
+    sample_blocks,
+    samples_moments,
+    shared_buffer,
+    sum_moments,
+)
 from .registry import RuleContext, register_moment_rule
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
-    """x̄ over samples, as x_0 + Σ(x_i − x_0)/B summed in float64: exactly x_0 when every sample equals it."""
+    """x̄ over samples as x_0 + Σ(x_i − x_0)/B: exactly x_0 when every sample equals it."""
     x0 = x[0]
-    return (x - x0).sum(0, dtype=torch.float64).div_(x.shape[0]).add_(x0).to(x.dtype)
+    return (x - x0).sum(0).div_(x.shape[0]).add_(x0)
 
 
 def _linear_weight_moments(
@@ -28,8 +37,8 @@ def _linear_weight_moments(
     """Moments of the rank-one per-sample gradients g_i = δ_i a_iᵀ (eq. 1), centred, without forming them.
 
     Σg² − B·ḡ² cancels catastrophically when ρ² ≪ ḡ² (float32 at GSNR 10⁵ loses every digit), so the
-    moments are formed around K = δ̄āᵀ, with u_i = δ_i − δ̄ and v_i = a_i − ā (the means shifted by sample 0
-    and summed in float64, so identical samples give u = v = 0, M2 = 0 and ḡ = K exactly):
+    moments are formed around K = δ̄āᵀ, with u_i = δ_i − δ̄ and v_i = a_i − ā (the means shifted by
+    sample 0, so identical samples give u = v = 0, M2 = 0 and ḡ = K exactly):
     h_i = g_i − K = δ_i v_iᵀ + u_i āᵀ,
 
         Σh² = (δ²)ᵀ(v²) + 2·ā ∘ ((δ∘u)ᵀv) + (Σu²)(ā²)ᵀ,   Σh = B(ḡ − K),   M2 = Σh² − (Σh)²/B,
@@ -45,12 +54,12 @@ def _linear_weight_moments(
     n_out, n_in = d.shape[1], a.shape[1]
     shape = (n_out, n_in)
     dbar, abar = _centre(d), _centre(a)
-    dbar64, abar64 = dbar.to(torch.float64), abar.to(torch.float64)  # K exactly as the centring uses it
     rows = 2 * n_out if grad is None else n_out
     sq = _buffer(scratch, W, "sq", shape, dt)
     cross = _buffer(scratch, W, "cross", (rows, n_in), dt)  # (δ∘u)ᵀv [; δᵀv]
-    su = torch.zeros(n_out, dtype=torch.float64, device=d.device)
-    su2 = torch.zeros(n_out, dtype=torch.float64, device=d.device)
+    su = torch.zeros(n_out, dtype=dt, device=d.device)
+    su2 = torch.zeros(n_out, dtype=dt, device=d.device)
+    sv2 = torch.zeros(n_in, dtype=dt, device=d.device)
     s_cnt = n_cnt = None
     blocks = list(sample_blocks(B, (n_in + 3 * n_out) * (3 * a.element_size() + 2), budget))
     for j, (s, e) in enumerate(blocks):
@@ -58,15 +67,17 @@ def _linear_weight_moments(
         v = ab - abar
         u = db - dbar
         left = db * u if grad is not None else torch.cat([db * u, db], 1)
+        v2 = v.square()
         if j == 0:
-            torch.mm(db.square().t(), v.square(), out=sq)
+            torch.mm(db.square().t(), v2, out=sq)
             torch.mm(left.t(), v, out=cross)
         else:
-            sq.addmm_(db.square().t(), v.square())
+            sq.addmm_(db.square().t(), v2)
             cross.addmm_(left.t(), v)
-        su.add_(u.sum(0, dtype=torch.float64))
-        su2.add_(u.square().sum(0, dtype=torch.float64))
-        del left, u, v
+        su.add_(u.sum(0))
+        su2.add_(u.square_().sum(0))
+        sv2.add_(v2.sum(0))
+        del left, u, v, v2
         if signs:
             sd, sa = torch.sign(db), torch.sign(ab)
             if j == 0:
@@ -75,22 +86,24 @@ def _linear_weight_moments(
             else:
                 s_cnt.add_(_count_mm(sd, sa))
                 n_cnt.add_(_count_mm(sd.abs_(), sa.abs_()))
-    # Σh = B(ḡ − K) (float64)
-    sum_h = _buffer(scratch, W, "mean", shape, torch.float64)
+    # Every term below is of the size of the spread, so it is combined in the compute dtype.
     if grad is not None:
-        sum_h.copy_(grad).sub_(torch.outer(dbar64, abar64)).mul_(B)
+        diff = torch.addr(grad.to(dt), dbar, abar, alpha=-1)  # ḡ − K = Σh/B
     else:
-        sum_h.copy_(cross[n_out:]).addr_(su, abar64)
-    m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(cross[:n_out]).mul_(abar64).mul_(2.0)
-    m2.add_(sq).addr_(su2, abar64.square())
-    m2.addcmul_(sum_h, sum_h, value=-1.0 / B).clamp_(min=0.0)
-    if grad is None:
-        mean = sum_h.div_(B).addr_(dbar64, abar64)
-    else:  # where every h_i is exactly 0 (identical samples), ḡ = K exactly, the same in every chunk
-        mean = sum_h.copy_(grad)
-        same = (sq == 0).logical_and_((su2 == 0).unsqueeze(1))
-        if bool(same.any()):
-            mean.copy_(torch.where(same, torch.outer(dbar64, abar64), mean))
+        diff = cross[n_out:].addr(su, abar).div_(B)
+    m2 = torch.addcmul(sq, cross[:n_out], abar * 2).addr_(su2, abar.square())  # Σh²
+    m2.addcmul_(diff, diff, value=-B).clamp_(min=0.0)  # − (Σh)²/B
+    m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(m2)
+    mean = _buffer(scratch, W, "mean", shape, torch.float64)
+    dbar64, abar64 = dbar.to(torch.float64), abar.to(torch.float64)
+    if grad is not None:
+        mean.copy_(grad)
+    else:
+        mean.copy_(diff).addr_(dbar64, abar64)
+    fixed_rows, fixed_cols = su2 == 0, sv2 == 0
+    if bool(fixed_rows.any()) and bool(fixed_cols.any()):  # g_i = K exactly for every i: ḡ = K, in every chunk
+        same = torch.outer(fixed_rows, fixed_cols)
+        mean.copy_(torch.where(same, torch.outer(dbar64, abar64), mean))
     pos = neg = None
     if signs:
         pos = torch.add(n_cnt, s_cnt, out=_buffer(scratch, W, "pos", shape, torch.int32)).bitwise_right_shift_(1)
@@ -98,10 +111,10 @@ def _linear_weight_moments(
     return ChunkMoments(B, mean, m2, pos, neg)
 
 
-def _bias_moments(d: torch.Tensor, signs: bool) -> ChunkMoments:
-    """Per-sample bias gradients d [B, ..., C] summed over the middle dimensions."""
+def _bias_moments(d: torch.Tensor, signs: bool, eps_dtype: torch.dtype) -> ChunkMoments:
+    """Per-sample bias gradients d [B, ..., C] summed over the middle dimensions (with round-off evidence)."""
     if d.ndim > 2:
-        d = d.reshape(d.shape[0], -1, d.shape[-1]).sum(1)
+        return sum_moments(d.reshape(d.shape[0], -1, d.shape[-1]), (1,), signs, eps_dtype)
     return samples_moments(d, signs)
 
 
@@ -150,5 +163,5 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
             del g
         out[W] = acc
     if b is not None and b.requires_grad:
-        out[b] = _bias_moments(d.to(dt), signs)
+        out[b] = _bias_moments(d.to(dt), signs, d.dtype)
     return out

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import _combine, compute_dtype, sample_blocks, samples_moments
+from .blocks import _combine, compute_dtype, sample_blocks, samples_moments, sum_moments
 from .registry import RuleContext, register_grad_sampler, register_moment_rule
 
 
@@ -35,8 +35,12 @@ def _affine_norm_moments(
         out[W] = acc
     if b is not None and b.requires_grad:
         g = d.to(dt)
-        g = g.sum(reduce_dims) if reduce_dims else g
-        out[b] = samples_moments(g.reshape(B, *b.shape), signs)
+        rest = [n for i, n in enumerate(g.shape) if i and i not in reduce_dims]
+        if reduce_dims and rest == list(b.shape):  # with round-off evidence: β before another norm sums to noise
+            out[b] = sum_moments(g, tuple(reduce_dims), signs, d.dtype)
+        else:
+            g = g.sum(reduce_dims) if reduce_dims else g
+            out[b] = samples_moments(g.reshape(B, *b.shape), signs)
     return out
 
 

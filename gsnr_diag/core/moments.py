@@ -22,6 +22,9 @@ class ChunkMoments:
     """Moments of one parameter over one chunk of samples (float64, on any device).
 
     ``pos``/``neg`` (counts) may be of an integer dtype; :class:`Moments` stores them as float64.
+    Round-off evidence (:mod:`.roundoff`) of rules that form g_ij as a sum of known terms, optional:
+    ``floor`` = max_i of a sample's round-off bound, ``resolved`` = the number of samples with
+    |g_ij| above their bound.
     """
 
     count: int
@@ -29,13 +32,19 @@ class ChunkMoments:
     m2: torch.Tensor
     pos: torch.Tensor | None = None
     neg: torch.Tensor | None = None
+    floor: torch.Tensor | None = None
+    resolved: torch.Tensor | None = None
 
     @classmethod
     def from_samples(cls, grad_sample: torch.Tensor, signs: bool = True) -> ChunkMoments:
         """Two-pass moments of per-sample gradients ``grad_sample`` of shape ``[B, *param.shape]``."""
         g = grad_sample.detach().to(torch.float64)
-        mean = (g - g[0]).mean(0).add_(g[0])  # shifted by sample 0: identical samples give M2 = 0 exactly
+        mean = g.mean(0)
         m2 = (g - mean).square_().sum(0)
+        same = (g == g[0]).all(0)  # bitwise-identical samples: ρ² = 0 exactly (the float mean may round)
+        if bool(same.any()):
+            mean = torch.where(same, g[0], mean)
+            m2 = m2.masked_fill_(same, 0.0)
         pos = neg = None
         if signs:
             pos = (grad_sample > 0).sum(0, dtype=torch.float64)
@@ -67,7 +76,16 @@ class ChunkMoments:
         pos = neg = None
         if self.pos is not None and other.pos is not None:
             pos, neg = self.pos + other.pos, self.neg + other.neg
-        return ChunkMoments(n, mean, m2, pos, neg)
+        both = lambda a, b, f: None if a is None or b is None else f(a, b)
+        return ChunkMoments(
+            n,
+            mean,
+            m2,
+            pos,
+            neg,
+            both(self.floor, other.floor, torch.maximum),
+            both(self.resolved, other.resolved, torch.add),
+        )
 
 
 def _chan(count_a: int, mean_a, m2_a, count_b: int, mean_b, m2_b):
@@ -88,6 +106,9 @@ class Moments:
     m2: dict[str, torch.Tensor] = field(default_factory=dict)
     pos: dict[str, torch.Tensor] = field(default_factory=dict)
     neg: dict[str, torch.Tensor] = field(default_factory=dict)
+    # round-off evidence (ChunkMoments); a parameter keeps an entry only while every chunk had it
+    floor: dict[str, torch.Tensor] = field(default_factory=dict)
+    resolved: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -111,6 +132,9 @@ class Moments:
             if self.signs:
                 self.pos[name] = own(_present(chunk.pos, name))
                 self.neg[name] = own(_present(chunk.neg, name))
+            for store, t in self._evidence(chunk):
+                if t is not None:
+                    store[name] = own(t)
             return
         # Chan's formula, in place: δ = mean_b − mean_a; mean += δ·n_b/n; M2 += M2_b + δ²·n_a·n_b/n.
         count_a, count_b = self.count[name], chunk.count
@@ -123,6 +147,18 @@ class Moments:
         if self.signs:
             self.pos[name].add_(_present(chunk.pos, name))
             self.neg[name].add_(_present(chunk.neg, name))
+        for store, t in self._evidence(chunk):
+            if name in store and t is None:
+                del store[name]
+            elif name in store:
+                acc = store[name]
+                if store is self.resolved:
+                    acc.add_(t.to(acc.dtype))
+                else:
+                    torch.maximum(acc, t.to(acc.dtype), out=acc)
+
+    def _evidence(self, chunk: ChunkMoments):
+        return ((self.floor, chunk.floor), (self.resolved, chunk.resolved))
 
     def merge(self, other: Moments) -> Moments:
         """Merge another accumulator into this one (in place) and return self."""
@@ -135,6 +171,8 @@ class Moments:
                     other.m2[name],
                     other.pos.get(name),
                     other.neg.get(name),
+                    other.floor.get(name),
+                    other.resolved.get(name),
                 ),
             )
         return self
@@ -142,7 +180,16 @@ class Moments:
     def to(self, device: torch.device | str) -> Moments:
         """A copy with every tensor on ``device``."""
         move = lambda d: {k: v.to(device) for k, v in d.items()}
-        return Moments(self.signs, dict(self.count), move(self.mean), move(self.m2), move(self.pos), move(self.neg))
+        return Moments(
+            self.signs,
+            dict(self.count),
+            move(self.mean),
+            move(self.m2),
+            move(self.pos),
+            move(self.neg),
+            move(self.floor),
+            move(self.resolved),
+        )
 
 
 def _present(t: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -156,7 +203,8 @@ def all_reduce_moments(moments: Moments, group=None) -> Moments:
 
     Two all-reduce rounds per tensor: first counts and Σ nᵣ·meanᵣ give the global mean,
     then Σ (M2ᵣ + nᵣ·(meanᵣ − mean)²) gives the global M2 — Chan's formula over ranks.
-    Sign counts are summed.
+    Sign counts are summed; round-off evidence is combined by max (``floor``) and sum (``resolved``) —
+    every rank must hold the same parameters' evidence.
     """
     import torch.distributed as dist
 
@@ -178,4 +226,8 @@ def all_reduce_moments(moments: Moments, group=None) -> Moments:
         if moments.signs:
             dist.all_reduce(moments.pos[k], group=group)
             dist.all_reduce(moments.neg[k], group=group)
+        if k in moments.floor:
+            dist.all_reduce(moments.floor[k], op=dist.ReduceOp.MAX, group=group)
+        if k in moments.resolved:
+            dist.all_reduce(moments.resolved[k], group=group)
     return moments

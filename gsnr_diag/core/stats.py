@@ -10,8 +10,9 @@ Definitions follow shared/SCIENCE.md and Liu et al. (ICLR 2020):
 * ``opposite_sign``: over weight tensors (ndim ≥ 2), share of elements with W_j·ḡ_j < 0   (Sec. 3.3, Fig. 7b)
 * ``noise_scale`` B_simple = Σ_j ρ²_j / Σ_j ḡ²_j and ``m_coherence`` (core/noise.py)
 
-Undefined elements (ρ² = 0; for same-sign ḡ = 0 or no non-zero sample) are NaN in the
-per-element tensors, excluded from every average and counted.
+Undefined elements (ρ² = 0, or every per-sample gradient at round-off level (core/roundoff.py);
+for same-sign also ḡ = 0 or no non-zero sample) are NaN in the per-element tensors, excluded from
+every average and counted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .._format import number, text_table
 from .._io import check_schema_version, clean_float
 from .moments import Moments
 from .noise import layer_noise_statistics, m_coherence, noise_scale
+from .roundoff import roundoff_mask
 
 __all__ = [
     "GradientStats",
@@ -160,6 +162,9 @@ class GradientStats:
     # delete-a-group jackknife standard errors (core/uncertainty.py), keyed "mean_gsnr", "layer_gsnr/<param>", ...
     standard_errors: dict[str, float | None] = field(default_factory=dict)
     jackknife_groups: int = 0
+    roundoff: int = 0  # of ``undefined``: elements whose per-sample gradients are all rounding noise (core/roundoff.py)
+    layer_undefined: dict[str, int] = field(default_factory=dict)
+    layer_roundoff: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_elements(self) -> int:
@@ -167,8 +172,9 @@ class GradientStats:
         return sum(t.numel() for t in self.mean.values())
 
     def summary(self) -> str:
-        """A per-parameter text table: shape, elements, mean and median GSNR, same-sign, capture path."""
-        head = ["parameter", "shape", "elements", "mean GSNR", "median GSNR", "same-sign", "undef", "path"]
+        """A per-parameter text table: shape, elements, mean and median GSNR, same-sign, undefined elements
+        (of which at round-off level), capture path."""
+        head = ["parameter", "shape", "elements", "mean GSNR", "median GSNR", "same-sign", "undef", "round-off", "path"]
         rows = []
         for name, r in self.gsnr.items():
             defined = r[~torch.isnan(r)]
@@ -184,14 +190,16 @@ class GradientStats:
                     number(med),
                     "-" if ss is None else f"{ss:.3f}",
                     str(int(torch.isnan(r).sum())),
+                    str(self.layer_roundoff.get(name, 0)),
                     self.capture_paths.get(module, self.capture_paths.get(name, "?")),
                 ]
             )
-        out = text_table(head, rows, indent="", left=(0, 1, 7))
+        out = text_table(head, rows, indent="", left=(0, 1, 8))
         q = self.gsnr_quantiles
         out.append("")
         out.append(
-            f"n = {self.n} samples, {self.num_elements} elements ({self.undefined} with zero variance excluded), "
+            f"n = {self.n} samples, {self.num_elements} elements ({self.undefined} undefined excluded: "
+            f"{self.undefined - self.roundoff} with zero variance, {self.roundoff} at round-off level), "
             f"measured in {self.mode} mode"
         )
         out.append(
@@ -229,6 +237,9 @@ class GradientStats:
             "layer_m_coherence": dict(self.layer_m_coherence),
             "standard_errors": dict(self.standard_errors),
             "jackknife_groups": self.jackknife_groups,
+            "roundoff": self.roundoff,
+            "layer_undefined": dict(self.layer_undefined),
+            "layer_roundoff": dict(self.layer_roundoff),
         }
 
     def to_dict(self, tensors: bool = True) -> dict[str, Any]:
@@ -277,6 +288,9 @@ class GradientStats:
                 layer_m_coherence=dict(d.get("layer_m_coherence") or {}),
                 standard_errors=dict(d.get("standard_errors") or {}),
                 jackknife_groups=int(d.get("jackknife_groups") or 0),
+                roundoff=int(d.get("roundoff", 0)),
+                layer_undefined={k: int(v) for k, v in (d.get("layer_undefined") or {}).items()},
+                layer_roundoff={k: int(v) for k, v in (d.get("layer_roundoff") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TrajectoryFormatError(f"not a GradientStats dict: {exc!r}") from exc
@@ -307,10 +321,19 @@ def stats_from_moments(
     mean = {k: moments.mean[k].detach().to("cpu", torch.float64) for k in names}
     var = {k: (moments.m2[k].detach().to("cpu", torch.float64) / (n - 1)) for k in names}
     gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
+    ev = lambda store, k: store[k].detach().cpu() if k in store else None
+    roundoff = {
+        k: roundoff_mask(mean[k], var[k], n, weights[k].dtype, ev(moments.floor, k), ev(moments.resolved, k))
+        for k in names
+    }
+    gsnr = {k: gsnr[k].masked_fill(roundoff[k], math.nan) for k in names}
     same_sign = None
     if moments.signs:
         same_sign = {
-            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()) for k in names
+            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()).masked_fill(
+                roundoff[k], math.nan
+            )
+            for k in names
         }
 
     flat_r = torch.cat([gsnr[k].flatten() for k in names]) if names else torch.empty(0, dtype=torch.float64)
@@ -353,4 +376,7 @@ def stats_from_moments(
         layer_noise_scale={k: clean_float(v) for k, v in layer_scale.items()},
         m_coherence=clean_float(m_coherence(list(mean.values()), list(var.values()), n)),
         layer_m_coherence={k: clean_float(v) for k, v in layer_coherence.items()},
+        roundoff=sum(int(m.sum()) for m in roundoff.values()),
+        layer_undefined={k: int(torch.isnan(gsnr[k]).sum()) for k in names},
+        layer_roundoff={k: int(roundoff[k].sum()) for k in names},
     )

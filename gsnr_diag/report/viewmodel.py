@@ -41,6 +41,7 @@ class LayerRow:
     opposite_sign: str
     noise_scale: str = "–"  # B_simple of the tensor (core/noise.py)
     m_coherence: str = "–"
+    undefined: str = "–"
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
     opposite = final.get("layer_opposite_sign") or {}
     noise = final.get("layer_noise_scale") or last.get("layer_noise_scale") or {}
     coherence = final.get("layer_m_coherence") or last.get("layer_m_coherence") or {}
+    undefined = final.get("layer_undefined") or {}
+    roundoff = final.get("layer_roundoff") or {}
     names = list(dict.fromkeys(list(counts) + list(layer_gsnr)))
     rows = [
         LayerRow(
@@ -96,17 +99,27 @@ def _layers(run: dict[str, Any]) -> tuple[list[LayerRow], str]:
             opposite_sign=fmt_pct(opposite.get(n)) if n in opposite else "–",
             noise_scale=fmt(noise.get(n)),
             m_coherence=fmt(coherence.get(n)),
+            undefined=_undefined(undefined.get(n), roundoff.get(n)),
         )
         for n in names
     ]
     note = (
         "Final GSNR per parameter tensor at the end of training; same-sign and opposite-sign as defined above "
         "(opposite-sign only for weight tensors with ≥ 2 dimensions); noise scale B_simple = Σρ²/Σḡ² and "
-        "m-coherence over the tensor's elements. '–' = undefined or not measured."
+        "m-coherence over the tensor's elements. '–' = undefined or not measured. "
+        "Undefined: elements left out of every average, because their gradient variance is zero or because "
+        "every per-sample gradient is at floating-point round-off level (counted in parentheses)."
     )
     if not final:
         note += " Median and opposite-sign columns need the final measurement, which this run does not have."
     return rows, note
+
+
+def _undefined(count: Any, roundoff: Any) -> str:
+    if clean_float(count) is None:
+        return "–"
+    r = int(roundoff or 0)
+    return fmt_int(count) + (f" ({fmt_int(r)} round-off)" if r else "")
 
 
 # ----------------------------------------------------------------------------- header / appendix
