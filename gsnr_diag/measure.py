@@ -15,10 +15,11 @@ from torch import nn
 from .capture import GradientCapture
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
-from .data import iter_batches
+from .core.uncertainty import jackknife_osgr
+from .data import count_samples, iter_batches
 from .errors import DataError, ModelError
 
-__all__ = ["gradient_stats", "preserved_state", "model_device"]
+__all__ = ["gradient_stats", "gradient_stats_with_se", "preserved_state", "model_device"]
 
 MODES = ("eval", "train")
 
@@ -102,6 +103,56 @@ def gradient_stats(
             in blocks of samples sized to fit. Default 512 MB. It does not bound the forward and
             backward pass of a chunk itself (set ``batch_size`` for that).
     """
+    return _measure(
+        model,
+        data,
+        loss_fn,
+        batch_size=batch_size,
+        device=device,
+        mode=mode,
+        signs=signs,
+        epsilon=epsilon,
+        skip_nonfinite=skip_nonfinite,
+        distributed=distributed,
+        process_group=process_group,
+        max_memory_mb=max_memory_mb,
+    )[0]
+
+
+def gradient_stats_with_se(
+    model: nn.Module, data: Any, loss_fn: Callable | None = None, *, folds: int = 8, **kw: Any
+) -> tuple[GradientStats, float | None]:
+    """:func:`gradient_stats` plus the jackknife standard error of its OSGR over ``folds`` folds.
+
+    The chunks of samples are assigned round-robin to ``folds`` accumulators (chunks at most
+    ⌈n/folds⌉ samples, so every fold gets some), merged for the statistics — identical to
+    :func:`gradient_stats` up to float rounding — and kept apart for the delete-one-fold jackknife
+    of :func:`gsnr_diag.core.uncertainty.jackknife_osgr`. The SE is ``None`` with fewer than 3 folds.
+    """
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 1:
+        raise ModelError(f"folds: expected a positive int, got {folds!r}")
+    if kw.get("distributed"):
+        raise ModelError("gradient_stats_with_se: distributed=True is not supported; use gradient_stats")
+    stats, parts = _measure(model, data, loss_fn, folds=folds, **kw)
+    return stats, jackknife_osgr(parts)[1] if len(parts) >= 3 else None
+
+
+def _measure(
+    model: nn.Module,
+    data: Any,
+    loss_fn: Callable | None = None,
+    *,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    mode: str = "eval",
+    signs: bool = True,
+    epsilon: float = 0.0,
+    skip_nonfinite: bool = False,
+    distributed: bool = False,
+    process_group: Any = None,
+    max_memory_mb: float | None = None,
+    folds: int = 1,
+) -> tuple[GradientStats, list[Moments]]:
     if not isinstance(model, nn.Module):
         raise ModelError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
@@ -128,14 +179,23 @@ def gradient_stats(
         if mode == "train":
             _check_train_mode(work)
         moments = Moments(signs=signs)
+        parts = [Moments(signs=signs) for _ in range(folds)] if folds > 1 else [moments]
+        chunk = batch_size
+        total = count_samples(data) if folds > 1 else None
+        if total:
+            chunk = min(batch_size or total, max(1, -(-total // folds)))
         with (
             torch.enable_grad(),
             GradientCapture(
                 work, loss_fn, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
             ) as capture,
         ):
-            for x, y in iter_batches(data, batch_size, target):
-                capture.measure_chunk(x, y, moments)
+            for i, (x, y) in enumerate(iter_batches(data, chunk, target)):
+                capture.measure_chunk(x, y, parts[i % len(parts)])
+        if folds > 1:
+            for part in parts:
+                moments.merge(part)
+            parts = [p for p in parts if p.n > 0]
         if distributed:
             all_reduce_moments(moments, group=process_group)
         n = moments.n
@@ -145,7 +205,7 @@ def gradient_stats(
                 + (f" ({capture.skipped} skipped for non-finite gradients)" if capture.skipped else "")
             )
         weights = {k: p.detach() for k, p in capture.params.items()}
-        return stats_from_moments(
+        stats = stats_from_moments(
             moments,
             weights,
             capture_paths=dict(capture.paths),
@@ -153,3 +213,4 @@ def gradient_stats(
             mode=mode,
             skipped_nonfinite=capture.skipped,
         )
+        return stats, parts

@@ -32,7 +32,7 @@ from ..core.correlation import pearson
 from ..core.stats import GradientStats
 from ..data import call_model, count_samples, iter_batches
 from ..errors import MonitorError
-from ..measure import gradient_stats, model_device, preserved_state
+from ..measure import gradient_stats_with_se, model_device, preserved_state
 from .schedules import Schedule, _as_schedule, linear, logarithmic
 from .trajectory import Snapshot, Trajectory, clean_float, header_line, metadata_line, snapshot_line
 
@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 TASKS = ("classification", "regression")
+#: Folds of the training set whose moments are kept apart for the jackknife SE of OSGR (eq. 19).
+UNCERTAINTY_FOLDS = 8
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -253,8 +255,15 @@ class Monitor:
             self.task = infer_task(self.loss_fn, self.data)
             self.trajectory.metadata["task"] = self.task
         accuracy = self.task == "classification"
-        stats = gradient_stats(
-            self.model, self.data, self.loss_fn, batch_size=self.batch_size, signs=self.signs, mode=self.mode
+        # OSGR's standard error from per-fold moments (jackknife over UNCERTAINTY_FOLDS folds of the data).
+        stats, osgr_se = gradient_stats_with_se(
+            self.model,
+            self.data,
+            self.loss_fn,
+            folds=UNCERTAINTY_FOLDS,
+            batch_size=self.batch_size,
+            signs=self.signs,
+            mode=self.mode,
         )
         device = model_device(self.model)
         with preserved_state(self.model):
@@ -299,8 +308,10 @@ class Monitor:
             elapsed=time.perf_counter() - self._start,
             undefined=stats.undefined,
             extra={k: clean_float(float(v)) for k, v in extra.items()},
+            osgr_se=clean_float(osgr_se),
         )
         self.trajectory.snapshots.append(snap)
+        self.trajectory.fill_predictions()  # the test loss predicted from training data up to this snapshot
         if self.path is not None:
             if not self._header_written:
                 self._append(header_line(self.trajectory.metadata))
