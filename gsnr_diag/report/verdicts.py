@@ -211,6 +211,7 @@ def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric
         ),
     ]
     floor = v["gsnr_floor"]
+    corrected = v["final_mean_gsnr"] - floor if v["final_mean_gsnr"] is not None and floor else None
     rows += [
         Metric(
             "predicted_test_loss",
@@ -246,7 +247,7 @@ def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric
             "info",
             "described, not graded",
             f"Sampling floor 1/n = {fmt(floor)} (an element with true mean gradient 0 reads r ≈ 1/n); bias-corrected "
-            f"mean (ḡ² − ρ²/n)/ρ² = {fmt(v['final_mean_gsnr'] - floor if v['final_mean_gsnr'] is not None and floor else None)}. "
+            f"mean (ḡ² − ρ²/n)/ρ² = {fmt(corrected)}. "
             "GSNR collapses once the training set is fitted (the mean gradient vanishes), whatever was learned.",
         ),
         Metric(
