@@ -203,7 +203,7 @@ def line_figure(
 
 
 def stacked_figure(
-    panels: Sequence[tuple[str, Sequence[Series]]], *, xlabel: str, height_per_panel: float = 2.2
+    panels: Sequence[tuple[str, Sequence[Series]]], *, xlabel: str, height_per_panel: float = 1.55
 ) -> str:
     """Panels stacked over one shared step axis (symmetric-log), one y axis each — no twin axes to collide."""
     matplotlib, _, _ = _mpl()

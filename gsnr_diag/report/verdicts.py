@@ -8,8 +8,10 @@ same-sign fraction, control ratio at the end and the measured test loss are *des
 not graded): final GSNR collapses once the training set is fitted, whatever the model learned.
 
 The level: ``"bad"`` if the integrated OSGR or the control is bad; else ``"inconclusive"`` if one of
-them is; else the lower of the two (the integrated OSGR alone without a control), lowered to
-``"watch"`` when the early rise is bad. No training-loss decrease yet → ``"inconclusive"``.
+them is; else the lower of the two (the integrated OSGR alone without a control). No training-loss
+decrease yet → ``"inconclusive"``. The early rise is graded and shown but does not move the level:
+on the validation zoo (docs/VALIDATION.md) letting a bad early rise lower "good" to "watch" cut the
+agreement with what happened on the fitting half from 81% to 38%.
 :func:`verdict_object` is the machine-readable form stored in the run JSON (``run["verdict"]``),
 read by ``gsnr-diag check`` and ``gsnr.expect_verdict``. Torch-free.
 """
@@ -265,7 +267,7 @@ def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric
 
 def _level(rows: list[Metric]) -> tuple[str, list[Metric]]:
     by = {m.key: m for m in rows if m.graded}
-    o, c, e = by["integrated_osgr"], by["control_separation"], by["early_rise"]
+    o, c = by["integrated_osgr"], by["control_separation"]
     if o.status == "n/a":
         return "inconclusive", [o]
     primary = [o] + ([c] if c.status != "n/a" else [])
@@ -275,8 +277,6 @@ def _level(rows: list[Metric]) -> tuple[str, list[Metric]]:
     if unsure:
         return "inconclusive", unsure
     level = min((m.status for m in primary), key=LEVELS.index)
-    if e.status == "bad" and level == "good":
-        return "watch", [e]
     return level, [m for m in primary if m.status == level]
 
 
