@@ -175,6 +175,12 @@ def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric
         f"the early rise ({PAPER}, Sec. 3.1, Fig. 5a). At the end: {fmt(v['control_ratio'])}, peak "
         f"{fmt(v['control_peak_ratio'])} (described, not graded)."
     )
+    shuffled_n, real_n = c.details.get("shuffled_snapshots", 0), len(snapshots(run.get("trajectory")))
+    if c.value is not None and shuffled_n < real_n:
+        sep_detail = (
+            f"The shuffled-label control was interrupted after {shuffled_n} of {real_n} snapshots; graded on the "
+            "shared ones. " + sep_detail
+        )
     if c.missing == "interrupted":
         sep_detail = "The shuffled-label control was interrupted before it finished, so it is not graded."
     elif c.missing == "not run":
