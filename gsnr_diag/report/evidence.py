@@ -82,6 +82,10 @@ def osgr_evidence(run: dict[str, Any]) -> Evidence:
         "has_se": any(s is not None for s in S),
         "measured_ratio": measured_ratio(L, _losses(snaps, "test_loss")),
         "left_rule": integrated_osgr(L, R, S, rule="left").value,
+        "halfwidth_sampling": last.halfwidth_sampling / last.decrease if last and last.decrease > 0 else None,
+        "halfwidth_discretization": last.halfwidth_discretization / last.decrease
+        if last and last.decrease > 0
+        else None,
     }
     if ratio.value is None:
         missing = "the training loss has not fallen yet" if len(snaps) >= 2 else "only one snapshot"

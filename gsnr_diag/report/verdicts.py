@@ -49,6 +49,11 @@ MISSING = "–"
 #: Verdict levels from worst to best ("inconclusive" is not on this scale).
 LEVELS = ("bad", "watch", "good")
 GRADED = ("integrated_osgr", "control_separation", "early_rise")
+SHORT_NAMES = {
+    "integrated_osgr": "integrated OSGR",
+    "control_separation": "control separation",
+    "early_rise": "early rise",
+}
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -158,6 +163,14 @@ def _graded(key: str, label: str, ev: Evidence, threshold: str, detail: str, set
     return Metric(key, label, ev.value, display, status, threshold, detail, ev.interval, True, settle)
 
 
+def _osgr_settle(o: Evidence) -> str:
+    """What would narrow the integrated OSGR's band: whichever of its two parts is the larger."""
+    samp, disc = o.details.get("halfwidth_sampling") or 0.0, o.details.get("halfwidth_discretization") or 0.0
+    if samp >= disc:
+        return "more training samples would narrow it (most of the band is the sampling error of R)"
+    return "denser snapshots (--every N) would narrow it (most of the band is R moving between snapshots)"
+
+
 def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric]:
     """The panel's rows: the three graded indicators first, then the described numbers."""
     v = v if v is not None else verdict_values(run)
@@ -198,8 +211,7 @@ def metrics(run: dict[str, Any], v: dict[str, Any] | None = None) -> list[Metric
             o,
             _thresholds_text("integrated_osgr"),
             osgr_detail,
-            "a larger training set narrows the sampling part, denser snapshots (--every) the part from R moving "
-            "between snapshots; a longer run if the training loss has hardly fallen",
+            _osgr_settle(o),
         ),
         _graded(
             "control_separation",
@@ -298,7 +310,7 @@ def headline(rows: list[Metric]) -> tuple[str, str, str]:
             reason = o.display if o.display != MISSING else "no training-loss decrease yet"
             text = f"Inconclusive: {reason}; train longer to get a verdict"
         else:
-            names = ", ".join(m.label.split(" (")[0].lower() for m in why)
+            names = " and ".join(SHORT_NAMES[m.key] for m in why)
             text = f"Inconclusive: the 95% interval of the {names} straddles a threshold; " + "; ".join(
                 m.settle for m in why
             )
@@ -309,7 +321,7 @@ def headline(rows: list[Metric]) -> tuple[str, str, str]:
     else:
         text = "Little evidence of generalizable features: signs of memorization"
     graded = [m for m in rows if m.graded]
-    counts = ", ".join(f"{m.label.split(' (')[0].split(':')[0]}: {m.status}" for m in graded)
+    counts = ", ".join(f"{SHORT_NAMES[m.key]}: {m.status}" for m in graded)
     return text, level, counts
 
 
