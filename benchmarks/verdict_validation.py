@@ -193,19 +193,75 @@ def cmd_train(only: str | None) -> None:
         print(f"{spec['name']}: {time.time() - t0:.0f} s wall, {z['cpu_seconds']:.0f} s CPU", flush=True)
 
 
+STUDY = (
+    "digits-mlp-n1000-p0-long",
+    "digits-cnn-n1000-p0-long",
+    "synthetic-mlp-n500-p0-long",
+    "mnist-mlp-n1000-p0.5-long",
+)
+
+
+def cmd_study() -> None:
+    """Schedule study: a few zoo runs recorded at *every* optimizer step (no control), saved as trajectories.
+
+    Monitoring leaves training bitwise unchanged, so subsampling such a run to the report's default
+    schedule reproduces exactly what a default run sees; the analysis compares the two predictions.
+    """
+    import torch
+    from torch import nn
+
+    from gsnr_diag.experiments.monitored import monitored_run
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    specs = {s["name"]: s for s in zoo()}
+    for name in STUDY:
+        path = OUT / f"{name}.every1.json"
+        if path.exists():
+            continue
+        spec = specs[name]
+        Xtr, ytr, Xh, yh, _, _ = load(spec["dataset"], spec["n"])
+        if spec["p"] > 0:
+            from gsnr_diag.experiments.control import corrupt_labels
+
+            ytr = corrupt_labels(ytr, spec["p"], torch.Generator().manual_seed(10))
+            yh = corrupt_labels(yh, spec["p"], torch.Generator().manual_seed(11))
+        torch.manual_seed(0)
+        model = build(spec["dataset"], spec["arch"])
+        t0 = time.process_time()
+        monitor = monitored_run(
+            model,
+            (Xtr, ytr),
+            nn.CrossEntropyLoss(),
+            label="real",
+            epochs=spec["epochs"],
+            lr=0.01,
+            test_data=(Xh, yh),
+            task="classification",
+            make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+            monitor_kw={"every": 1, "monitor_batch_size": 256},
+            batch_size=32,
+            progress=False,
+        )
+        monitor.trajectory.save(path)
+        print(f"{name} every step: {time.process_time() - t0:.0f} s CPU", flush=True)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "benchmarks"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--analyze", action="store_true")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--study", action="store_true", help="record a few runs at every step (schedule study)")
     args = ap.parse_args()
     if args.train or args.only:
         cmd_train(args.only)
+    if args.study:
+        cmd_study()
     if args.analyze:
         from verdict_analysis import analyze
 
         analyze(OUT, ROOT / "docs" / "VALIDATION.md")
-    if not (args.train or args.analyze or args.only):
+    if not (args.train or args.analyze or args.only or args.study):
         ap.print_help()
         print(json.dumps([s["name"] for s in zoo()], indent=1))
