@@ -54,13 +54,15 @@ _lazy(
     "ThresholdError",
     "TrajectoryFormatError",
 )
-_lazy(".measure", "gradient_stats")
+_lazy(".measure", "gradient_stats", "gradient_stats_with_se")
+_lazy(".core.uncertainty", "bias_corrected_gsnr", "gsnr_floor")
 _lazy(".core.moments", "ChunkMoments", "Moments")
 _lazy(".core.stats", "GradientStats")
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from .core.moments import ChunkMoments, Moments  # noqa: F401
     from .core.stats import GradientStats  # noqa: F401
+    from .core.uncertainty import bias_corrected_gsnr, gsnr_floor  # noqa: F401
     from .errors import (  # noqa: F401
         ArgumentError,
         DataError,
@@ -71,14 +73,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
         ThresholdError,
         TrajectoryFormatError,
     )
-    from .measure import gradient_stats  # noqa: F401
+    from .measure import gradient_stats, gradient_stats_with_se  # noqa: F401
 
 # --- dynamics and experiments ---
 _lazy(
     ".experiments", "ControlResult", "OSGRPool", "OSGRResult", "osgr_experiment", "pool_osgr", "shuffled_label_control"
 )
 _lazy(".dynamics.monitor", "Monitor")
-_lazy(".dynamics.schedules", "linear", "logarithmic")
+_lazy(".dynamics.schedules", "linear", "logarithmic", "report_schedule")
 _lazy(".dynamics.trajectory", "Snapshot", "Trajectory")
 _lazy(".dynamics.training", "train")
 

@@ -10,6 +10,11 @@ carries over), not statistics tuned to any run; the report states them verbatim.
 from __future__ import annotations
 
 VERDICT_THRESHOLDS: dict[str, tuple[float, float]] = {
+    # --- graded by the verdict (run-level evidence; docs/VALIDATION.md says how they were checked)
+    "integrated_osgr": (0.5, 0.1),  # Σ R̄·ΔL / Σ ΔL over the run (eq. 19 integrated)
+    "control_separation": (2.0, 1.2),  # geometric-mean real/shuffled mean GSNR while the training loss falls
+    "early_rise": (1.5, 1.1),  # exp(mean log r_t/r_0) over the first half of the training-loss decrease
+    # --- single-snapshot quantities (pytest plugin, `check` options, the control's own verdict)
     "peak_rise": (2.0, 1.2),  # peak mean GSNR / its step-0 value
     "final_gsnr_n": (10.0, 1.0),  # final mean GSNR × n (eq. 22: r against 1/n)
     "control_ratio": (2.0, 1.2),  # real-label / shuffled-label mean GSNR

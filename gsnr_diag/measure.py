@@ -19,11 +19,11 @@ from .capture.state import ModelState
 from .core.moments import Moments, all_reduce_moments
 from .core.stats import GradientStats, stats_from_moments
 from .core.uncertainty import jackknife_standard_errors
-from .data import iter_batches, tree_map
+from .data import count_samples, iter_batches, tree_map
 from .errors import ArgumentError, DataError, ModelError
 from .validate import check_device, check_distributed, check_epsilon, check_loss_fn, check_max_memory_mb, check_model
 
-__all__ = ["gradient_stats", "preserved_state", "model_device"]
+__all__ = ["gradient_stats", "gradient_stats_with_se", "preserved_state", "model_device"]
 
 MODES = ("eval", "train")
 
@@ -79,6 +79,7 @@ def gradient_stats(
     process_group: Any = None,
     max_memory_mb: float | None = None,
     jackknife_groups: int = 0,
+    jackknife_by_chunk: bool = False,
 ) -> GradientStats:
     """Measure per-parameter gradient statistics of ``model`` on ``data`` at the current weights.
 
@@ -111,6 +112,8 @@ def gradient_stats(
             moments of their own and fills ``standard_errors`` with delete-a-group jackknife standard
             errors (core/uncertainty.py); costs G more accumulators and G smaller captures per chunk.
             0 (default): off.
+        jackknife_by_chunk: deal whole chunks round-robin to the G groups instead of slicing every chunk
+            (cheaper: no smaller captures; needs at least G chunks, see :func:`gradient_stats_with_se`).
     """
     check_model(model)
     if mode not in MODES:
@@ -150,10 +153,11 @@ def gradient_stats(
                     work, plan, signs=signs, skip_nonfinite=skip_nonfinite, max_memory_mb=max_memory_mb
                 ) as capture,
             ):
-                for x, y in iter_batches(data, batch_size, target):
+                for i, (x, y) in enumerate(iter_batches(data, batch_size, target)):
                     x, y = plan.select(x, y)
                     if y.shape[0]:
-                        _measure_chunk(capture, x, y, moments, groups, state.restore)
+                        whole = i if jackknife_by_chunk else None
+                        _measure_chunk(capture, x, y, moments, groups, state.restore, whole)
                 for g in groups:  # jackknife_groups: the totals are the merge of the groups
                     moments.merge(g)
         finally:
@@ -198,6 +202,7 @@ def _measure_chunk(
     moments: Moments,
     groups: list[Moments],
     after: Callable[[], Any] | None = None,
+    whole: int | None = None,
 ) -> None:
     """Moments of one chunk into ``moments``, or, with jackknife groups, its G contiguous slices into the groups.
 
@@ -205,8 +210,8 @@ def _measure_chunk(
     statistic that gets a standard error (GSNR, same-sign, OSGR, noise scale, m-coherence) is invariant
     to a common scale of the gradients, so groups need no loss-weight rescaling of their own.
     """
-    if not groups:
-        capture.measure_chunk(x, y, moments)
+    if not groups or whole is not None:  # no groups, or whole chunks dealt round-robin to the groups
+        capture.measure_chunk(x, y, groups[whole % len(groups)] if groups else moments)
         if after is not None:
             after()
         return
@@ -217,3 +222,29 @@ def _measure_chunk(
             capture.measure_chunk(tree_map(lambda t: t[lo:hi], x), y[lo:hi], groups[g])
             if after is not None:
                 after()
+
+
+def gradient_stats_with_se(
+    model: nn.Module, data: Any, loss_fn: Callable | None = None, *, folds: int = 8, **kw: Any
+) -> tuple[GradientStats, float | None]:
+    """:func:`gradient_stats` plus the delete-one-fold jackknife standard error of its OSGR (eq. 19).
+
+    Chunks of at most ⌈n/folds⌉ samples are dealt round-robin to ``folds`` groups (so every fold gets
+    some) whose moments are kept apart and merged for the statistics; the SE is that of
+    ``standard_errors["osgr"]`` (core/uncertainty.py). ``None`` with fewer than 3 folds.
+    """
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 1:
+        raise ArgumentError(f"folds: expected a positive int, got {folds!r}")
+    if kw.get("distributed"):
+        raise ArgumentError("gradient_stats_with_se: distributed=True is not supported; use gradient_stats")
+    if folds < 2:
+        return gradient_stats(model, data, loss_fn, **kw), None
+    total = count_samples(data)
+    batch_size = kw.pop("batch_size", None)
+    chunk = max(1, -(-total // folds)) if total else batch_size
+    if batch_size is not None and chunk is not None:
+        chunk = min(batch_size, chunk)
+    stats = gradient_stats(
+        model, data, loss_fn, batch_size=chunk, jackknife_groups=folds, jackknife_by_chunk=True, **kw
+    )
+    return stats, (stats.standard_errors.get("osgr") if folds >= 3 else None)

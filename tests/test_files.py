@@ -230,7 +230,7 @@ def test_interrupted_rerun_keeps_the_complete_run_and_saves_its_own_progress(tmp
     assert _report(tmp_path, "--no-control").exit_code == 0
     run_json = tmp_path / "r.run.json"
     kept = run_json.read_bytes()
-    again = _report(tmp_path, "--no-control", env={"GSNR_TEST_STOP_AT": "12"}, monkeypatch=monkeypatch)
+    again = _report(tmp_path, "--no-control", env={"GSNR_TEST_STOP_AT": "40"}, monkeypatch=monkeypatch)
     assert again.exit_code == 130, again.output
     assert "r.run.incomplete.json" in again.output
     assert run_json.read_bytes() == kept

@@ -100,11 +100,11 @@ def test_records_on_the_optimizer_step_schedule_and_logs(tmp_path):
     assert [s.mean_gsnr for s in loaded.snapshots] == pytest.approx([s.mean_gsnr for s in cb.trajectory.snapshots])
     # the last snapshot is the exact statistic at the final weights; B_simple = Σρ² / Σḡ²
     stats = gradient_stats(module, (X, Y), batch_size=32)
-    assert cb.trajectory.snapshots[-1].mean_gsnr == pytest.approx(stats.mean_gsnr, rel=1e-9)
+    assert cb.trajectory.snapshots[-1].mean_gsnr == pytest.approx(stats.mean_gsnr, rel=1e-6)
     noise = sum(float(v.sum()) for v in stats.var.values())
     b_simple = noise / sum(float(m.square().sum()) for m in stats.mean.values())
-    assert gsnr_rows[-1][1]["gsnr/noise_scale"] == pytest.approx(b_simple, rel=1e-9)
-    assert gsnr_rows[-1][1]["gsnr/osgr"] == pytest.approx(1 - b_simple / len(Y), rel=1e-9)
+    assert gsnr_rows[-1][1]["gsnr/noise_scale"] == pytest.approx(b_simple, rel=1e-6)
+    assert gsnr_rows[-1][1]["gsnr/osgr"] == pytest.approx(1 - b_simple / len(Y), rel=1e-6)
 
 
 def test_training_is_untouched():

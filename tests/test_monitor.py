@@ -70,8 +70,11 @@ def test_record_matches_gradient_stats_and_fills_snapshot():
     mon = Monitor(model, data, test_data=test)
     s0 = mon.record(0, lr=0.1)
     ref = gradient_stats(model, data)
-    assert s0.mean_gsnr == ref.mean_gsnr and s0.osgr == ref.osgr and s0.layer_gsnr == ref.layer_gsnr
+    # the monitor measures in folds (for OSGR's jackknife SE) merged with Chan's formula: equal up to rounding
+    assert s0.mean_gsnr == pytest.approx(ref.mean_gsnr, rel=1e-6) and s0.osgr == pytest.approx(ref.osgr, rel=1e-6)
+    assert s0.layer_gsnr == pytest.approx(ref.layer_gsnr, rel=1e-6)
     assert s0.mean_same_sign == ref.mean_same_sign and s0.opposite_sign_top10 == ref.opposite_sign_top10
+    assert s0.osgr_se is not None and s0.osgr_se > 0
     assert s0.delta_g_weight_corr is None
     assert s0.extra == {"lr": 0.1}
     with torch.no_grad():

@@ -436,8 +436,8 @@ def test_track_control_report_and_json(pt, tmp_path):
     assert html.count('class="figure-svg"') == 4
     from gsnr_diag._thresholds import VERDICT_THRESHOLDS
 
-    good, watch = VERDICT_THRESHOLDS["control_ratio"]
-    assert "Control ratio real ÷ shuffled" in html and f"good ≥ {good:g}, watch ≥ {watch:g}" in html
+    good, watch = VERDICT_THRESHOLDS["control_separation"]
+    assert "Control: real vs shuffled labels" in html and f"good ≥ {good:g}×, watch ≥ {watch:g}×" in html
     assert "<link" not in html and 'src="http' not in html
 
 

@@ -122,18 +122,23 @@ def test_verdict_values_from_run():
     assert v["peak_mean_gsnr"] == max(s["mean_gsnr"] for s in snaps)
     assert v["control_ratio"] == run["control"]["final_ratio"]
     assert v["osgr_final"] == snaps[-1]["osgr"]
-    # eq. 19 over the run: each training-loss decrease weighted by the OSGR predicted at its start
-    drops = [(a["osgr"], a["train_loss"] - b["train_loss"]) for a, b in zip(snaps, snaps[1:])]
+    # eq. 19 over the run: each training-loss decrease weighted by the OSGR at both ends of its interval
+    drops = [((a["osgr"] + b["osgr"]) / 2, a["train_loss"] - b["train_loss"]) for a, b in zip(snaps, snaps[1:])]
     assert v["osgr"] == pytest.approx(sum(r * d for r, d in drops) / sum(d for _, d in drops))
+    assert v["integrated_osgr"].value == v["osgr"]
     first, last = snaps[0], snaps[-1]
     assert v["realized_ratio"] == pytest.approx(
         (first["test_loss"] - last["test_loss"]) / (first["train_loss"] - last["train_loss"])
     )
     assert v["final_gsnr_n"] == pytest.approx(last["mean_gsnr"] * 400)
     assert v["same_sign"] == snaps[-1]["mean_same_sign"]
-    statuses = {m.key: m.status for m in metrics(run, v)}
-    assert set(statuses.values()) <= {"good", "watch", "bad", "n/a"}
-    assert statuses["peak_mean_gsnr"] == "good"  # peak ≈ 7× the start in the fake run
+    rows = metrics(run, v)
+    statuses = {m.key: m.status for m in rows}
+    assert set(statuses.values()) <= {"good", "watch", "bad", "inconclusive", "n/a", "info"}
+    assert [m.key for m in rows if m.graded] == ["integrated_osgr", "control_separation", "early_rise"]
+    assert statuses["final_mean_gsnr"] == "info"  # described, not graded: it collapses once the data are fitted
+    shown = {m.key: m.display for m in rows}
+    assert shown["integrated_osgr"] == fmt(v["osgr"])  # the graded value is the value shown
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -113,22 +113,12 @@ def layer_extras(stats: Any, weights: dict[str, Any]) -> dict[str, Any]:
 
 
 def _schedule(total_steps: int, every: int | None):
-    from ..dynamics.schedules import linear, logarithmic
+    from ..dynamics.schedules import linear, report_schedule
 
     if every is not None:
         return linear(every), f"every {every} steps"
-    k = max(1, math.ceil(total_steps / TARGET_SNAPSHOTS))
-    lin = linear(k)
-    log = logarithmic(per_decade=5, start=1, end=max(1, k))
-
-    class _Auto:
-        def __call__(self, step: int) -> bool:
-            return lin(step) or log(step)
-
-        def __repr__(self) -> str:
-            return f"auto: log-spaced up to step {k}, then every {k} steps"
-
-    return _Auto(), repr(_Auto())
+    auto = report_schedule(total_steps, target=TARGET_SNAPSHOTS)
+    return auto, repr(auto)
 
 
 def run_report(

@@ -33,7 +33,7 @@ from ..core.histogram import layer_log10_gsnr_histograms
 from ..core.stats import GradientStats
 from ..data import call_model, check_reiterable, count_samples, iter_batches
 from ..errors import MonitorError
-from ..measure import gradient_stats, model_device, preserved_state
+from ..measure import gradient_stats, gradient_stats_with_se, model_device, preserved_state
 from ..validate import check_loss_fn, check_model
 from .jsonl_file import append_line, open_jsonl
 from .schedules import Schedule, _as_schedule, linear, logarithmic
@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 TASKS = ("classification", "regression")
+#: Folds of the training set whose moments are kept apart for the jackknife SE of OSGR (eq. 19).
+UNCERTAINTY_FOLDS = 8
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -310,16 +312,21 @@ class Monitor:
             self.trajectory.metadata["task"] = self.task
         accuracy = self.task == "classification"
         dist = {"distributed": self.distributed, "process_group": self.process_group}
-        stats = gradient_stats(
-            self.model,
-            self.data,
-            self.loss_fn,
-            batch_size=self.batch_size,
-            signs=self.signs,
-            mode=self.mode,
-            jackknife_groups=self.jackknife_groups,
-            **dist,
-        )
+        common = {"batch_size": self.batch_size, "signs": self.signs, "mode": self.mode}
+        if self.distributed or self.jackknife_groups:
+            stats = gradient_stats(
+                self.model,
+                self.data,
+                self.loss_fn,
+                jackknife_groups=self.jackknife_groups,
+                **common,
+                **dist,
+            )
+            osgr_se = stats.standard_errors.get("osgr")
+        else:  # OSGR's standard error from per-fold moments (jackknife over UNCERTAINTY_FOLDS folds of the data)
+            stats, osgr_se = gradient_stats_with_se(
+                self.model, self.data, self.loss_fn, folds=UNCERTAINTY_FOLDS, **common
+            )
         device = model_device(self.model)
         with preserved_state(self.model):
             train_loss, train_acc = evaluate(
@@ -376,8 +383,10 @@ class Monitor:
             layer_m_coherence=dict(stats.layer_m_coherence),
             standard_errors=dict(stats.standard_errors),
             layer_log10_gsnr_hist=layer_log10_gsnr_histograms(stats.gsnr),
+            osgr_se=clean_float(osgr_se),
         )
         self.trajectory.snapshots.append(snap)
+        self.trajectory.fill_predictions()  # the test loss predicted from training data up to this snapshot
         if self.path is not None:
             if not self._header_written:
                 self._append(header_line(self.trajectory.metadata))

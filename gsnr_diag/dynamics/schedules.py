@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..errors import MonitorError
 
-__all__ = ["Schedule", "as_schedule", "linear", "logarithmic"]
+__all__ = ["Schedule", "as_schedule", "linear", "logarithmic", "report_schedule"]
 
 Schedule = Callable[[int], bool]
 
@@ -65,6 +65,30 @@ class logarithmic:  # noqa: N801
 
     def __repr__(self) -> str:
         return f"logarithmic(per_decade={self.per_decade}, start={self.start}, end={self.end})"
+
+
+class report_schedule:  # noqa: N801
+    """The report's default schedule for a run of ``total_steps`` optimizer steps.
+
+    About ``target`` evenly spaced snapshots (every k = ⌈total/target⌉ steps) plus ``per_decade``
+    log-spaced ones over the *whole* run (steps 1, 2, 3, 5, 7, 10, ...), so the early phase — where
+    GSNR rises and the training loss falls fastest — is resolved whatever the run's length, and the
+    log-spaced steps are the same for every run (runs of different lengths share them).
+    """
+
+    def __init__(self, total_steps: int, target: int = 30, per_decade: int = 6):
+        if not isinstance(total_steps, int) or total_steps < 0:
+            raise MonitorError(f"report_schedule(total_steps): expected a non-negative int, got {total_steps!r}")
+        self.total_steps, self.target, self.per_decade = total_steps, target, per_decade
+        self.k = max(1, math.ceil(total_steps / target))
+        self._lin = linear(self.k)
+        self._log = logarithmic(per_decade=per_decade, start=1)
+
+    def __call__(self, step: int) -> bool:
+        return self._lin(step) or self._log(step)
+
+    def __repr__(self) -> str:
+        return f"auto: every {self.k} steps plus {self.per_decade} log-spaced per decade from step 1"
 
 
 def as_schedule(every: int | Schedule) -> Schedule:

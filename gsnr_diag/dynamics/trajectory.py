@@ -28,6 +28,7 @@ from typing import Any
 
 from .._io import check_schema_version, clean_float, to_plain, write_json
 from ..errors import GsnrDiagError, TrajectoryFormatError
+from .generalization import PredictedTestLoss, predict_test_loss
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -82,6 +83,12 @@ class Snapshot:
     accuracies (``None`` for regression), ``elapsed`` seconds since the monitor started,
     ``undefined`` elements (ρ² = 0) and the caller's ``extra`` numbers; ``noise_scale`` (B_simple) and
     ``m_coherence``, overall and per layer (``layer_noise_scale``, ``layer_m_coherence``; core/noise.py).
+
+    ``osgr_se`` is the jackknife standard error of ``osgr`` over folds of the training set
+    (:func:`~gsnr_diag.measure.gradient_stats_with_se`); ``predicted_test_loss`` (with its 95%
+    ``predicted_test_loss_band`` [low, high]) and ``predicted_gap`` are the test loss and gap predicted
+    from the training data only, L_train(0) − Σ R̄·ΔL up to this snapshot
+    (:mod:`gsnr_diag.dynamics.generalization`), filled in by the :class:`Trajectory`.
     """
 
     step: int
@@ -113,6 +120,10 @@ class Snapshot:
     standard_errors: dict[str, float | None] = field(default_factory=dict)
     # per layer: histogram of log10 of the per-element GSNR (core/histogram.py), for TensorBoard/W&B
     layer_log10_gsnr_hist: dict[str, dict[str, Any]] = field(default_factory=dict)
+    osgr_se: float | None = None
+    predicted_test_loss: float | None = None
+    predicted_test_loss_band: list[float] | None = None
+    predicted_gap: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; non-finite numbers become ``None``."""
@@ -122,6 +133,7 @@ class Snapshot:
         for f in _MAP_FIELDS:
             d[f] = _clean_map(d[f])
         d["elapsed"] = clean_float(self.elapsed) or 0.0
+        d["predicted_test_loss_band"] = _band(self.predicted_test_loss_band)
         return d
 
     @classmethod
@@ -150,10 +162,19 @@ class Snapshot:
             hist = d.get("layer_log10_gsnr_hist")
             if isinstance(hist, dict):
                 kw["layer_log10_gsnr_hist"] = {str(k): v for k, v in hist.items() if isinstance(v, dict)}
+            kw["predicted_test_loss_band"] = _band(d.get("predicted_test_loss_band"))
             kw["undefined"] = _count(d.get("undefined") or 0, "undefined")
         except (TypeError, ValueError, OverflowError) as exc:
             raise TrajectoryFormatError(f"snapshot at step {d.get('step')!r}: {exc}") from exc
         return cls(**kw)
+
+
+def _band(b: Any) -> list[float] | None:
+    """A [low, high] pair of finite numbers, else ``None``."""
+    if not isinstance(b, (list, tuple)) or len(b) != 2:
+        return None
+    lo, hi = clean_float(b[0]), clean_float(b[1])
+    return None if lo is None or hi is None else [lo, hi]
 
 
 _FLOAT_FIELDS = (
@@ -173,6 +194,9 @@ _FLOAT_FIELDS = (
     "test_accuracy",
     "noise_scale",
     "m_coherence",
+    "osgr_se",
+    "predicted_test_loss",
+    "predicted_gap",
 )
 _MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra", "layer_noise_scale", "layer_m_coherence", "standard_errors")
 _LAYER_SERIES = ("layer_gsnr", "layer_same_sign", "layer_noise_scale", "layer_m_coherence")
@@ -230,8 +254,41 @@ class Trajectory:
             f"series: unknown quantity {name!r}; known: {known}" + (f", extra: {extras}" if extras else "")
         )
 
+    def predicted_test_loss(self, rule: str = "trapezoid") -> PredictedTestLoss:
+        """The test loss predicted from the training data alone at every snapshot, beside the measured one.
+
+        L̂'_t = L_train(0) − Σ_{s<t} R̄_s·ΔL_s (eq. 19 integrated over the run; see
+        :mod:`gsnr_diag.dynamics.generalization`), with a 95% band from the jackknife SE of each R_s
+        and the change of R within each interval. ``rule="left"`` uses R at the start of each interval.
+        """
+        snaps = self.snapshots
+        preds = predict_test_loss(
+            [s.train_loss for s in snaps], [s.osgr for s in snaps], [s.osgr_se for s in snaps], rule=rule
+        )
+        return PredictedTestLoss(
+            steps=self.steps,
+            value=[p.value if p else None for p in preds],
+            low=[p.low if p else None for p in preds],
+            high=[p.high if p else None for p in preds],
+            gap=[p.gap if p else None for p in preds],
+            measured=[s.test_loss for s in snaps],
+            measured_gap=[s.generalization_gap for s in snaps],
+            rule=rule,
+        )
+
+    def fill_predictions(self) -> None:
+        """Store :meth:`predicted_test_loss` (trapezoid rule) in every snapshot, in step order."""
+        order = sorted(range(len(self.snapshots)), key=lambda i: self.snapshots[i].step)
+        snaps = [self.snapshots[i] for i in order]
+        preds = predict_test_loss([s.train_loss for s in snaps], [s.osgr for s in snaps], [s.osgr_se for s in snaps])
+        for s, p in zip(snaps, preds):
+            s.predicted_test_loss = p.value if p else None
+            s.predicted_test_loss_band = [p.low, p.high] if p else None
+            s.predicted_gap = p.gap if p else None
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with ``schema_version``."""
+        """JSON-ready dict with ``schema_version``; every snapshot carries its ``predicted_test_loss``."""
+        self.fill_predictions()
         return {
             "schema_version": SCHEMA_VERSION,
             "kind": KIND,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .._format import number
 from .._io import to_plain
 from ..errors import ThresholdError
 from . import checks as _checks
@@ -262,3 +263,62 @@ class GsnrFixture:
         checks, lines = _checks.expect_control_checks(control, t, at)
         self.record.add(control)
         self._finish(checks, lines)
+
+    # -- the report's verdict (run-level evidence, docs/VALIDATION.md) ---------------------------
+
+    def expect_verdict(self, run_or_trajectory: Any, *, at_least: str = "good") -> None:
+        """Assert that the report's verdict level is at least ``at_least`` (``"bad"`` < ``"watch"`` < ``"good"``).
+
+        Accepts a Trajectory, a ControlResult (its real-label run with the control), a run dict or the
+        path of a saved run JSON. The verdict is the one ``gsnr-diag report`` shows and ``gsnr-diag check
+        --min-level`` reads: ``"inconclusive"`` fails every level. The message lists each graded
+        indicator with its value, 95% interval and status.
+        """
+        __tracebackhide__ = True
+        from ..report.verdicts import LEVELS
+
+        if at_least not in LEVELS:
+            raise ValueError(f"gsnr.expect_verdict: at_least must be one of {list(LEVELS)}, got {at_least!r}")
+        run = _as_run(run_or_trajectory)
+        from ..report.verdicts import verdict_object
+
+        verdict = verdict_object(run)
+        level = verdict["level"]
+        passed = level in LEVELS and LEVELS.index(level) >= LEVELS.index(at_least)
+        check = Check("expect_verdict", "verdict level", f"at_least = {at_least!r}", None, SRC_CALL, passed, at_least)
+        lines = [
+            f"gsnr.expect_verdict: the verdict is {level!r}, expected at least {at_least!r}",
+            f"  {verdict['headline']}",
+        ]
+        for ind in verdict["indicators"]:
+            iv = ind["interval"]
+            shown = number(ind["value"]) if ind["value"] is not None else "not measured"
+            band = f" (95%: {number(iv[0])} to {number(iv[1])})" if iv else ""
+            lines.append(f"  {ind['status']:<12} {ind['name']}: {shown}{band}")
+        if _checks_kind(run_or_trajectory):
+            self.record.add(run_or_trajectory)
+        self._finish([check], lines)
+
+
+def _checks_kind(result: Any) -> bool:
+    return hasattr(result, "snapshots") or hasattr(result, "shuffled")
+
+
+def _as_run(x: Any) -> dict[str, Any]:
+    """A run dict from a Trajectory, a ControlResult, a run dict or a saved run's path."""
+    import os
+
+    from ..report.run import RUN_KIND, load_run, new_run
+
+    if isinstance(x, (str, os.PathLike)):
+        return load_run(x)
+    if isinstance(x, Mapping) and x.get("kind") == RUN_KIND:
+        return dict(x)
+    if hasattr(x, "shuffled") and hasattr(x, "real"):  # ControlResult
+        return new_run(x.real, control=x)
+    if hasattr(x, "snapshots"):  # Trajectory
+        return new_run(x)
+    raise TypeError(
+        "gsnr.expect_verdict: expected a Trajectory, a ControlResult, a run dict or a run JSON path, "
+        f"got {type(x).__name__}"
+    )

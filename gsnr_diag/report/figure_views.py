@@ -77,8 +77,15 @@ GUIDES = {
         "gradients, n for identical ones. On the same samples the single-set OSGR is exactly 1 − B_simple/n."
     ),
     "loss": (
-        "Train and test loss (left axis) and accuracy (right axis). A test loss that turns upward while the train "
-        "loss keeps falling is overfitting; compare its timing with the GSNR and OSGR curves above."
+        "Train and test loss (top) and accuracy (bottom) on one step axis. A test loss that turns upward while the "
+        "train loss keeps falling is overfitting; compare its timing with the GSNR and OSGR curves above."
+    ),
+    "predicted": (
+        "The test loss predicted from the training data alone, L_train(0) − Σ R·ΔL (eq. 19 integrated over the "
+        "run), with its 95% band, beside the measured test loss when a test set exists. Healthy: the prediction "
+        "falls with the training loss and stays close to it (a small predicted gap). A prediction that flattens or "
+        "rises while the training loss keeps falling means the later steps fit individual samples. It predicts "
+        "held-out data of the training distribution: with noisy training labels, equally noisy held-out labels."
     ),
 }
 
@@ -143,6 +150,35 @@ def _osgr_scatter_figure(run: dict[str, Any]) -> FigureView:
         )
 
 
+def _predicted_figure(snaps: list[dict[str, Any]]) -> FigureView:
+    """The test loss predicted from training data only (with its band) beside the measured test loss."""
+    steps = [int(s.get("step", 0)) for s in snaps]
+    pred = [clean_float(s.get("predicted_test_loss")) for s in snaps]
+    bands = [s.get("predicted_test_loss_band") or [None, None] for s in snaps]
+    low = [clean_float(b[0]) if isinstance(b, list) and len(b) == 2 else None for b in bands]
+    high = [clean_float(b[1]) if isinstance(b, list) and len(b) == 2 else None for b in bands]
+    _, trl = snapshot_series(snaps, "train_loss")
+    _, tel = snapshot_series(snaps, "test_loss")
+    title = "Test loss predicted from the training data alone"
+    if not _has(pred):
+        return FigureView("fig-predicted", title, None, "", GUIDES["predicted"], "No prediction yet (it needs OSGR "
+                          "and the training loss at two snapshots or more).")  # fmt: skip
+    series = [figures.Series("predicted test loss, 95% band", steps, pred, style=0, band=(low, high))]
+    if _has(tel):
+        series.append(figures.Series("measured test loss", steps, tel, style=1))
+    if _has(trl):
+        series.append(figures.Series("train loss", steps, trl, style=2))
+    return FigureView(
+        "fig-predicted",
+        title,
+        figures.line_figure(series, xlabel="training step", ylabel="loss"),
+        "Predicted: L_train(0) − Σ R·ΔL over the snapshots so far (R: single-set eq. 19, trapezoid rule); the band "
+        "adds the jackknife SE of each R and how much R moved between snapshots.",
+        GUIDES["predicted"],
+        None if _has(tel) else "No test set: only the prediction and the training loss are drawn.",
+    )
+
+
 def figure_views(run: dict[str, Any]) -> list[FigureView]:
     """Every figure of the report, in order, drawn or with its note."""
     snaps = snapshots(run.get("trajectory"))
@@ -155,6 +191,9 @@ def figure_views(run: dict[str, Any]) -> list[FigureView]:
         "No shuffled-label control in this run (regression task, or run with --no-control), so only the "
         "real-label curve is drawn."
     )
+
+    # 0. the test loss predicted from training data only, beside the measured one
+    out.append(_predicted_figure(snaps))
 
     # 1. mean GSNR, log scale, real vs shuffled
     steps, g = snapshot_series(snaps, "mean_gsnr")
@@ -284,35 +323,36 @@ def figure_views(run: dict[str, Any]) -> list[FigureView]:
     # 6. OSGR experiment scatter (Fig. 4)
     out.append(_osgr_scatter_figure(run))
 
-    # 7. losses and accuracy
+    # 7. losses and accuracy: two panels over one step axis (no twin axes to collide)
     _, trl = snapshot_series(snaps, "train_loss")
     _, tel = snapshot_series(snaps, "test_loss")
     _, tra = snapshot_series(snaps, "train_accuracy")
     _, tea = snapshot_series(snaps, "test_accuracy")
-    series = []
+    loss_series = []
     if _has(trl):
-        series.append(figures.Series("train loss", steps, trl, style=0))
+        loss_series.append(figures.Series("train loss", steps, trl, style=0))
     if _has(tel):
-        series.append(figures.Series("test loss", steps, tel, style=1))
+        loss_series.append(figures.Series("test loss", steps, tel, style=1))
+    acc_series = []
     if _has(tra):
-        series.append(figures.Series("train accuracy (right axis)", steps, tra, axis="right", style=2))
+        acc_series.append(figures.Series("train accuracy", steps, tra, style=2))
     if _has(tea):
-        series.append(figures.Series("test accuracy (right axis)", steps, tea, axis="right", style=3))
+        acc_series.append(figures.Series("test accuracy", steps, tea, style=3))
     notes = []
     if not _has(tel):
         notes.append("no test set, so only training curves are drawn")
     if not _has(tra):
         notes.append("no accuracy (regression task)")
+    panels = [("loss", loss_series), ("accuracy", acc_series)]
+    drawn = bool(loss_series or acc_series)
     out.append(
         FigureView(
             "fig-loss",
             "Loss and accuracy",
-            figures.line_figure(series, xlabel="training step", ylabel="loss", right_ylabel="accuracy")
-            if series
-            else None,
+            figures.stacked_figure(panels, xlabel="training step") if drawn else None,
             "Losses and accuracies measured at each snapshot on the full training and test sets.",
             GUIDES["loss"],
-            ("Note: " + "; ".join(notes) + ".") if (notes and series) else (None if series else "No losses recorded."),
+            ("Note: " + "; ".join(notes) + ".") if (notes and drawn) else (None if drawn else "No losses recorded."),
         )
     )
     return out

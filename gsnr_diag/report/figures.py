@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "line_figure",
+    "stacked_figure",
     "heatmap_figure",
     "scatter_figure",
     "Series",
@@ -83,12 +84,14 @@ class Series:
         *,
         axis: str = "left",
         style: int | None = None,
+        band: tuple[Sequence[Number], Sequence[Number]] | None = None,
     ) -> None:
         self.label = label
         self.x = list(x)
         self.y = list(y)
         self.axis = axis
         self.style = style
+        self.band = band  # (low, high) per x: drawn as a shaded band behind the line
 
     def points(self, log: bool = False) -> tuple[list[float], list[float]]:
         """Finite points only (positive ones on a log axis), in order."""
@@ -135,6 +138,42 @@ def _to_svg(fig) -> str:
     return svg
 
 
+def _step_axis(ax, xs_all: Sequence[float]) -> None:
+    """Symmetric-log step axis (linear up to step 10, log beyond), so the early phase gets room."""
+    if xs_all and max(xs_all) > 20:
+        ax.set_xscale("symlog", linthresh=10, linscale=0.6)
+        ax.set_xlim(left=0)
+
+
+def _draw(target, s: Series, i: int, log: bool) -> object:
+    color, ls, marker = _STYLES[(s.style if s.style is not None else i) % len(_STYLES)]
+    xs, ys = s.points(log=log and s.axis == "left")
+    n = len(xs)
+    if s.band is not None:
+        lo, hi = s.band
+        pts = [
+            (float(a), float(b), float(c))
+            for a, b, c in zip(s.x, lo, hi)
+            if a is not None and b is not None and c is not None and math.isfinite(float(b)) and math.isfinite(float(c))
+        ]
+        if pts:
+            target.fill_between(
+                [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], color=color, alpha=0.18, linewidth=0
+            )
+    (h,) = target.plot(
+        xs,
+        ys,
+        color=color,
+        linestyle=ls,
+        marker=marker,
+        markersize=3.5,
+        markevery=max(1, n // 12) if n else 1,
+        linewidth=1.4,
+        label=literal(s.label),
+    )
+    return h
+
+
 def line_figure(
     series: Sequence[Series],
     *,
@@ -144,8 +183,12 @@ def line_figure(
     log: bool = False,
     hline: tuple[float, str] | None = None,
     height: float = 3.4,
+    step_axis: bool = True,
 ) -> str:
-    """Line plot of one or more series (optional right axis, log scale, reference line) as SVG."""
+    """Line plot of one or more series (optional right axis, log scale, reference line, bands) as SVG.
+
+    ``step_axis``: the x axis is a training step, drawn symmetric-log (see :func:`_step_axis`).
+    """
     matplotlib, _, _ = _mpl()
     with matplotlib.rc_context(_RC):
         fig = _new_figure(height=height)
@@ -160,33 +203,44 @@ def line_figure(
                     ax2.grid(False)
                     ax2.spines["right"].set_visible(True)
                 target = ax2
-            color, ls, marker = _STYLES[(s.style if s.style is not None else i) % len(_STYLES)]
-            xs, ys = s.points(log=log and s.axis == "left")
-            n = len(xs)
-            (h,) = target.plot(
-                xs,
-                ys,
-                color=color,
-                linestyle=ls,
-                marker=marker,
-                markersize=3.5,
-                markevery=max(1, n // 12) if n else 1,
-                linewidth=1.4,
-                label=literal(s.label),
-            )
-            handles.append(h)
+            handles.append(_draw(target, s, i, log))
         if log:
             ax.set_yscale("log")
         if hline is not None:
             value, label = hline
             h = ax.axhline(value, color="#555555", linestyle=(0, (2, 2)), linewidth=1.0, label=literal(label))
             handles.append(h)
+        if step_axis:
+            _step_axis(ax, [float(x) for s in series for x in s.points()[0]])
         ax.set_xlabel(literal(xlabel))
         ax.set_ylabel(literal(ylabel))
         if ax2 is not None and right_ylabel:
             ax2.set_ylabel(literal(right_ylabel))
         if handles:
             # Below the axes, outside the data: never hides a curve.
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), frameon=False)
+        return _to_svg(fig)
+
+
+def stacked_figure(
+    panels: Sequence[tuple[str, Sequence[Series]]], *, xlabel: str, height_per_panel: float = 1.55
+) -> str:
+    """Panels stacked over one shared step axis (symmetric-log), one y axis each — no twin axes to collide."""
+    matplotlib, _, _ = _mpl()
+    panels = [(label, list(ss)) for label, ss in panels if ss]
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure(height=0.9 + height_per_panel * max(1, len(panels)))
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        handles = []
+        k = 0
+        for ax, (ylabel, series) in zip(axes, panels):
+            for s in series:
+                handles.append(_draw(ax, s, k, False))
+                k += 1
+            ax.set_ylabel(ylabel)
+        _step_axis(axes[0], [float(x) for _, ss in panels for s in ss for x in s.points()[0]])
+        axes[-1].set_xlabel(xlabel)
+        if handles:
             fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2), frameon=False)
         return _to_svg(fig)
 

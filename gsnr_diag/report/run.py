@@ -7,7 +7,11 @@ Format (docs/CONTRACT.md)::
      "control": ControlResult.to_dict() | None,
      "osgr": [OSGRResult.to_dict(), ...] | None,
      "final_stats": GradientStats.aggregates() | None,
-     "metadata": {...}}
+     "metadata": {...},
+     "verdict": {"level", "headline", "indicators": [{"name", "value", "interval", "status", "threshold"}]}}
+
+Every snapshot of the trajectory carries ``predicted_test_loss`` (with ``predicted_test_loss_band``
+and ``predicted_gap``); ``verdict`` is recomputed from the rest whenever a run is assembled.
 
 The report reads these plain dicts only, so a saved run re-renders without torch
 objects, and a run that crashed half-way (saved as it went) still renders what it has.
@@ -64,6 +68,9 @@ def new_run(
         "final_stats": to_plain(final_stats),
         "metadata": to_plain(dict(metadata or {})),
     }
+    from .verdicts import verdict_object  # verdicts reads run dicts through this module
+
+    run["verdict"] = verdict_object(run)
     return run
 
 

@@ -67,6 +67,8 @@ class ReportView:
     command: str
     notes: list[str] = field(default_factory=list)
     partial: bool = False
+    prediction: str = ""  # the headline number: the test loss predicted from training data only
+    prediction_detail: str = ""
 
 
 # ----------------------------------------------------------------------------- figures
@@ -157,8 +159,15 @@ def build_view(run: dict[str, Any]) -> ReportView:
         KeyValue("Snapshots", f"{len(snaps)} (steps {snaps[0].get('step')}–{snaps[-1].get('step')})" if snaps else "0"),
         KeyValue("Date", str(meta.get("date") or "–")),
     ]
-    panel = metrics(run, verdict_values(run))
+    values = verdict_values(run)
+    panel = metrics(run, values)
     verdict, status, detail = headline(panel)
+    prediction, prediction_detail = _prediction(values)
+    if not snaps:
+        verdict, detail = "No snapshot yet: nothing to grade", "the run holds no measurement"
+        panel = [m for m in panel if m.graded]
+        for m in panel:
+            m.display, m.detail, m.status = "no snapshot yet", "", "n/a"
     rows, layer_note = _layers(run)
     settings = dict(meta.get("settings") or {})
     if "seed" in meta:
@@ -196,4 +205,23 @@ def build_view(run: dict[str, Any]) -> ReportView:
         command=str(meta.get("command") or "–"),
         notes=notes,
         partial=partial,
+        prediction=prediction,
+        prediction_detail=prediction_detail,
     )
+
+
+def _prediction(v: dict[str, Any]) -> tuple[str, str]:
+    """("Predicted test loss X (95%: a to b) · gap Y", "measured ...") for the panel's headline number."""
+    pred, band = v.get("predicted_test_loss"), v.get("predicted_band")
+    if pred is None:
+        return "", ""
+    text = f"Predicted test loss {fmt(pred)}" + (f" (95%: {fmt(band[0])} to {fmt(band[1])})" if band else "")
+    text += f" · predicted gap {fmt(v.get('predicted_gap'))}"
+    if v.get("test_loss") is not None:
+        detail = f"Measured on the test set: test loss {fmt(v['test_loss'])}, gap {fmt(v.get('generalization_gap'))}"
+        if v.get("test_accuracy") is not None:
+            detail += f", test accuracy {fmt_pct(v['test_accuracy'])}"
+        detail += "."
+    else:
+        detail = "No test set: this is the estimate, from the training data alone (eq. 19 integrated over the run)."
+    return text, detail
