@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._fields import SNAPSHOT_NUMBER_FIELDS
 from .._io import check_schema_version, clean_float, to_plain, write_json
 from ..errors import GsnrDiagError, TrajectoryFormatError
 from .generalization import PredictedTestLoss, predict_test_loss
@@ -177,27 +178,7 @@ def _band(b: Any) -> list[float] | None:
     return None if lo is None or hi is None else [lo, hi]
 
 
-_FLOAT_FIELDS = (
-    "epoch",
-    "mean_gsnr",
-    "gsnr_median",
-    "gsnr_p90",
-    "osgr",
-    "mean_same_sign",
-    "opposite_sign",
-    "opposite_sign_top10",
-    "delta_g_weight_corr",
-    "train_loss",
-    "test_loss",
-    "generalization_gap",
-    "train_accuracy",
-    "test_accuracy",
-    "noise_scale",
-    "m_coherence",
-    "osgr_se",
-    "predicted_test_loss",
-    "predicted_gap",
-)
+_FLOAT_FIELDS = SNAPSHOT_NUMBER_FIELDS
 _MAP_FIELDS = ("layer_gsnr", "layer_same_sign", "extra", "layer_noise_scale", "layer_m_coherence", "standard_errors")
 _LAYER_SERIES = ("layer_gsnr", "layer_same_sign", "layer_noise_scale", "layer_m_coherence")
 _SCALAR_SERIES = set(_FLOAT_FIELDS) | {"elapsed", "undefined"}

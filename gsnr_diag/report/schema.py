@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .._fields import SNAPSHOT_NUMBER_FIELDS
 from ..errors import TrajectoryFormatError
 
 __all__ = ["RUN", "SNAPSHOT", "TRAJECTORY", "check_run"]
@@ -138,26 +139,7 @@ METADATA = obj(
 SNAPSHOT = obj(
     {
         "step": integer(0, nullable=False),
-        **{
-            f: number
-            for f in (
-                "epoch",
-                "mean_gsnr",
-                "gsnr_median",
-                "gsnr_p90",
-                "osgr",
-                "mean_same_sign",
-                "opposite_sign",
-                "opposite_sign_top10",
-                "delta_g_weight_corr",
-                "train_loss",
-                "test_loss",
-                "generalization_gap",
-                "train_accuracy",
-                "test_accuracy",
-                "elapsed",
-            )
-        },
+        **{f: number for f in (*SNAPSHOT_NUMBER_FIELDS, "elapsed")},
         "layer_gsnr": NUMBER_MAP,
         "layer_same_sign": NUMBER_MAP,
         "extra": NUMBER_MAP,
