@@ -297,15 +297,17 @@ def test_sign_count_products_int8_and_float_agree():
     d[d.abs() < 0.3] = 0
     g = d.unsqueeze(2) * a.unsqueeze(1)
     want_pos, want_neg = (g > 0).sum(0).double(), (g < 0).sum(0).double()
-    saved = dict(rules._INT8_MM_OK)
+    saved, faster = dict(rules._INT8_MM_OK), dict(rules._INT8_MM_FASTER)
     try:
         for ok in (True, False):
-            rules._INT8_MM_OK["cpu"] = ok
+            rules._INT8_MM_OK["cpu"] = rules._INT8_MM_FASTER["cpu"] = ok
             pos, neg = rules.sign_counts_outer(d, a)
             assert torch.equal(pos, want_pos) and torch.equal(neg, want_neg)
     finally:
         rules._INT8_MM_OK.clear()
         rules._INT8_MM_OK.update(saved)
+        rules._INT8_MM_FASTER.clear()
+        rules._INT8_MM_FASTER.update(faster)
 
 
 def test_float32_model_close_to_float64_reference():

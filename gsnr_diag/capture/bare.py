@@ -10,12 +10,16 @@ broadcast against holds sample i in row i alone; anything else goes to the fallb
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from ..core.moments import ChunkMoments
 from ..data import Inputs, call_model, tensor_leaves, tree_map
 from .blocks import samples_moments
-from .broadcast import BroadcastTracker, Source, mixed_layout
+from .broadcast import BroadcastTracker, LinearUse, Source, mixed_layout
+from .linear import linear_moments
+from .registry import RuleContext
 
 
 class BroadcastParams:
@@ -104,10 +108,22 @@ class BroadcastParams:
         """Moments of the bare parameters from their summed per-sample gradients; those with a problem move."""
         out: dict[str, ChunkMoments] = {}
         moved: set[str] = set()
+        done: set[int] = set()  # F.linear calls measured (a weight and its bias share one)
         for k, src in self._bare_sources.items():
             if src.problem:
                 moved.add(k)
                 self.fallback_reasons[self._bare[k]] = src.problem
+                continue
+            if src.linear:
+                use = src.linear[0]
+                if len(src.linear) != 1 or src.uses != 1 or src.parts or use.backprops is None:
+                    moved.add(k)
+                    self.fallback_reasons[self._bare[k]] = "it is used by F.linear and elsewhere"
+                    continue
+                if id(use) not in done:
+                    done.add(id(use))
+                    out.update(self._functional_linear(use, batch))
+                self.paths[self._bare[k]] = "moment-rule"
                 continue
             g = src.total()  # backprops of the batch-mean loss: × B gives each sample's own (as for the hooks)
             p = self.params[k]
@@ -116,3 +132,14 @@ class BroadcastParams:
             self.paths[self._bare[k]] = "grad-sampler"
         self._bare_sources = {}
         return out, moved
+
+    def _functional_linear(self, use: LinearUse, batch: int) -> dict[str, ChunkMoments]:
+        """Moments of the watched weight and bias of one ``F.linear`` call, by the nn.Linear moment rule."""
+        watched = {id(self.params[k]): k for k in self._bare_sources}
+        layer = SimpleNamespace(
+            weight=use.weight if id(use.weight) in watched else use.weight.detach(),
+            bias=use.bias if use.bias is None or id(use.bias) in watched else use.bias.detach(),
+        )
+        ctx = RuleContext([use.x], use.backprops * batch, self.signs, self.budget, None, self._scratch)
+        got = linear_moments(layer, ctx) or {}
+        return {watched[id(p)]: c for p, c in got.items() if id(p) in watched}

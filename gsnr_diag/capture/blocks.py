@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -116,7 +117,45 @@ def _combine(acc: ChunkMoments | None, c: ChunkMoments) -> ChunkMoments:
 
 
 _INT8_MM_OK: dict[str, bool] = {}
+_INT8_MM_FASTER: dict[str, bool] = {}  # device type → the int8 kernel beat float32 in a one-time timing
 _INT8_MIN_SIZE = 2**16  # below this many result entries float32 is as fast as the checked int8 product
+
+
+def _int8_faster(device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` is faster than a float32 product on this device type, timed once per process.
+
+    On CPUs with VNNI (or AMX) the int8 product is 4–5× faster than float32; on others (e.g. AVX2-only
+    AMD EPYC) PyTorch's int8 path is a reference loop, measured 40× *slower*. So it is timed once, on a
+    128 × 256 · 256 × 256 product of sign matrices (≈ 1–5 ms), and kept only if it wins by 1.5×.
+    """
+    dev = device.type
+    known = _INT8_MM_FASTER.get(dev)
+    if known is not None:
+        return known
+    faster = False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(-1, 2, (256, 128), generator=g).to(device)
+        y = torch.randint(-1, 2, (256, 256), generator=g).to(device)
+        xi, yi, xf, yf = x.to(torch.int8).t(), y.to(torch.int8), x.float().t(), y.float()
+
+        def best(f) -> float:
+            times = []
+            for _ in range(3):
+                if dev == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                f()
+                if dev == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        faster = best(lambda: torch._int_mm(xi, yi)) * 1.5 < best(lambda: xf @ yf)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        faster = False
+    _INT8_MM_FASTER[dev] = faster
+    return faster
 
 
 def _int8_mm_checked(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,11 +165,14 @@ def _int8_mm_checked(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None)
     without an error, when the left operand has one row. It is used only for results of at least
     2 × 2 entries that are large enough to gain from it, and every result is checked exactly
     (Freivalds' test with a fixed integer vector r: (xᵀy)r = xᵀ(yr), in integers). A device
-    whose kernel fails the check or raises is not asked again.
+    whose kernel fails the check or raises is not asked again, nor is one where it is slower than
+    float32 (:func:`_int8_faster`).
     """
     dev = x.device.type
     m, n = x.shape[1], y.shape[1]
     if not _INT8_MM_OK.get(dev, True) or not hasattr(torch, "_int_mm") or min(m, n) < 2 or m * n < _INT8_MIN_SIZE:
+        return None
+    if not _int8_faster(x.device):
         return None
     bound = 7 * x.shape[0] * y.shape[1]  # |(xᵀy)r| ≤ 7·k·n for r in {1..7}ⁿ and entries in {-1, 0, 1}
     if bound >= 2**31:
@@ -155,7 +197,7 @@ def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None)
     """xᵀy for matrices with entries in {-1, 0, 1}, exactly, as an int32 tensor.
 
     int8 × int8 → int32 products (``torch._int_mm``, 4–5× faster than float32 on CPUs with
-    VNNI) where they pass :func:`_int8_mm_checked`; otherwise float32, exact for up to 2²⁴
+    VNNI) where they are faster and pass :func:`_int8_mm_checked`; otherwise float32, exact for up to 2²⁴
     samples (every partial sum is an integer of magnitude ≤ the number of samples), float64 above.
     """
     r = _int8_mm_checked(x, y, out)
@@ -166,13 +208,73 @@ def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None)
     return r if out is None else out.copy_(r)
 
 
+_ENCODED_MAX_MIXED = 255  # b·(b+1)² < 2²⁴: the samples of one encoded product when a has both signs
+_ENCODED_MAX_NONNEG = 4095  # b·(b+1) < 2²⁴: ... when a ≥ 0 (after a ReLU)
+
+
+def _encoded_counts(d: torch.Tensor, a: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """#pos and #neg of g_i = d_i a_iᵀ over the rows of ``d``, ``a`` by one float32 product (float32 counts).
+
+    With p = [d > 0], q = [d < 0], P = [a > 0], Q = [a < 0] (0/1 matrices) and K = 2⁸ > b for b ≤ 255
+    samples, (p + Kq)ᵀ(P + KQ) = pᵀP + K(pᵀQ + qᵀP) + K²qᵀQ, whose three base-K digits are each ≤ b:
+    #pos = pᵀP + qᵀQ and #neg = pᵀQ + qᵀP. Every partial sum of the product is an integer below
+    b·K² < 2²⁴, so float32 holds it exactly in any summation order. With a ≥ 0 (Q = 0; K = 2¹² > b
+    for b ≤ 4095) the product is (p + Kq)ᵀP = #pos + K·#neg. One product instead of two
+    (:func:`sign_counts_outer`); the digits come out exactly by power-of-two scaling and ``floor``.
+    """
+    K = 4096.0 if nonneg else 256.0
+    x = (d > 0).to(torch.float32).add_((d < 0).to(torch.float32), alpha=K)
+    if nonneg:
+        r = x.t() @ (a > 0).to(torch.float32)
+        neg = torch.mul(r, 1.0 / K).floor_()
+        return r.add_(neg, alpha=-K), neg
+    y = (a > 0).to(torch.float32).add_((a < 0).to(torch.float32), alpha=K)
+    r = x.t() @ y
+    both = torch.mul(r, 1.0 / (K * K)).floor_()  # qᵀQ
+    r.add_(both, alpha=-K * K)
+    neg = torch.mul(r, 1.0 / K).floor_()
+    return r.add_(neg, alpha=-K).add_(both), neg
+
+
+def _int8_used(x: torch.Tensor, y: torch.Tensor) -> bool:
+    dev = x.device.type
+    m, n = x.shape[1], y.shape[1]
+    return (
+        _INT8_MM_OK.get(dev, True)
+        and hasattr(torch, "_int_mm")
+        and min(m, n) >= 2
+        and m * n >= _INT8_MIN_SIZE
+        and _int8_faster(x.device)
+    )
+
+
 def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of positive and negative entries of g_i = d_i a_iᵀ over samples i, per (out, in) element.
 
-    sign(d·a) = sign(d)·sign(a), so with S = sign(d)ᵀsign(a) and N = |sign(d)|ᵀ|sign(a)|
-    (the number of samples where g ≠ 0): #pos = (N + S)/2 and #neg = (N − S)/2 — two exact
-    integer matrix products .
+    Exact integers, as int32 or float32 (or float64 from 2²⁴ samples on). sign(d·a) = sign(d)·sign(a).
+    Where int8 products are fast (:func:`_int8_faster`): with S = sign(d)ᵀsign(a) and
+    N = |sign(d)|ᵀ|sign(a)| (the number of samples where g ≠ 0), #pos = (N + S)/2 and
+    #neg = (N − S)/2 — two exact integer products. Elsewhere one float32 product of base-K encoded
+    indicator matrices (:func:`_encoded_counts`), over blocks of samples small enough to stay exact;
+    used only where float32 products are full float32 (``torch.get_float32_matmul_precision() ==
+    "highest"``), else the two products in float32.
     """
+    if not _int8_used(d, a) and torch.get_float32_matmul_precision() == "highest":
+        nonneg = not bool((a < 0).any())
+        most = _ENCODED_MAX_NONNEG if nonneg else _ENCODED_MAX_MIXED
+        B = int(d.shape[0])
+        parts = -(-B // most)
+        bounds = [round(i * B / parts) for i in range(parts + 1)]
+        pos = neg = None
+        for lo, hi in zip(bounds, bounds[1:]):
+            bp, bn = _encoded_counts(d[lo:hi], a[lo:hi], nonneg)
+            if B >= 2**24:  # float32 sums of counts are exact below 2²⁴
+                bp, bn = bp.double(), bn.double()
+            pos, neg = (bp, bn) if pos is None else (pos.add_(bp), neg.add_(bn))
+        if pos is None:
+            z = torch.zeros((d.shape[1], a.shape[1]), dtype=torch.float32, device=d.device)
+            return z, z.clone()
+        return pos, neg
     sd, sa = torch.sign(d), torch.sign(a)
     s = _count_mm(sd, sa)
     n = _count_mm(sd.abs(), sa.abs())

@@ -10,7 +10,9 @@ factor for a product) — eq. 1 for one sample, without a per-sample forward pas
 :class:`BroadcastTracker` is a ``TorchFunctionMode`` active during the hooked forward pass: it sees
 every torch call that takes a watched tensor, follows it through value-preserving calls (``.to``,
 ``.contiguous``), catches the backprop of every broadcast result, and marks the tensor as a problem
-when anything else uses it (then its parameters go to the fallback).
+when anything else uses it (then its parameters go to the fallback). A watched weight or bias of
+``F.linear(x, W, b)`` (a custom module calling it on its own parameters) is recorded with its input
+and output backprop and measured by the nn.Linear moment rule.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ _RSUB = {_T.__rsub__, torch.rsub}
 _MUL = {_T.__mul__, _T.__rmul__, _T.mul, torch.mul}
 _EXPAND = {_T.expand, _T.expand_as, _T.broadcast_to, torch.broadcast_to}
 _ALIAS = {_T.to, _T.contiguous, _T.type_as, _T.float, _T.double, _T.half, _T.bfloat16}
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear}
+
+
+@dataclass
+class LinearUse:
+    """One ``F.linear(x, weight, bias)`` call on watched tensors: x ``[B, ..., in]`` and the output's backprop."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    backprops: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Source:
     problem: str | None = None
     uses: int = 0
     others: list = field(default_factory=list)  # the probe's record of the other operand of each use
+    linear: list = field(default_factory=list)  # LinearUse of each F.linear call that takes it as weight or bias
 
     def total(self) -> torch.Tensor | None:
         """Σ over uses of the per-sample gradients (``None`` when no broadcast use was seen)."""
@@ -105,9 +119,43 @@ class BroadcastTracker(TorchFunctionMode):
         hits = [(i, a, s) for i, a in enumerate(flat) if (s := self._source_of(a)) is not None]
         if not hits or not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out  # metadata (shape, device, ...) or a non-differentiable use
+        if func in _LINEAR:
+            self._linear(args, kwargs, hits, out)
+            return out
         for i, a, src in hits:
             self._follow(func, args, kwargs, i, a, src, out)
         return out
+
+    def _linear(self, args, kwargs, hits, out) -> None:
+        """``F.linear(x, W, b)`` with W and/or b watched: a Linear layer in all but name (its rule measures it)."""
+        call = list(args) + [kwargs[k] for k in ("input", "weight", "bias") if k in kwargs]
+        x, w, b = (call + [None, None, None])[:3]
+        roles = {i for i, _, _ in hits}
+        ok = (
+            isinstance(x, torch.Tensor)
+            and 0 not in roles
+            and x.ndim >= 2
+            and int(x.shape[0]) == self.batch
+            and int(out.shape[0]) == self.batch
+            and len(call) <= 3
+        )
+        for _, _, src in hits:
+            if not ok:
+                src.problem = "`F.linear` does not take it with the samples of its input in dimension 0"
+                continue
+            src.uses += 1
+            if self.record_others:
+                src.others.append(x.detach().clone())
+        if not ok or self.record_others:
+            return
+        use = LinearUse(x.detach(), w, b)
+        for _, _, src in hits:
+            src.linear.append(use)
+
+        def catch(grad, use=use):
+            use.backprops = grad.detach()
+
+        out.register_hook(catch)
 
     def _follow(self, func, args, kwargs, i, a, src: Source, out) -> None:
         name = getattr(func, "__name__", str(func))

@@ -12,7 +12,10 @@ How a chunk is measured:
    gradients, summed over calls and over the modules that share a parameter (tied weights).
 3. Every parameter's Σ_i g_i is checked against the batch gradient; a parameter whose hook
    path does not add up (used outside its module, batch not in dimension 0, ...) moves to
-   the fallback for the rest of the run and the chunk is redone.
+   the fallback for the rest of the run and the chunk is redone. A module whose rule forms the
+   per-sample gradients itself (a convolution, a Linear over a sequence) is checked on the first
+   chunk of a call; on later chunks autograd is asked for its output's gradient instead of its
+   weights', which saves the backward's weight-gradient product (graph uses are checked on every chunk).
 4. Fallback for everything else (custom modules with bare ``nn.Parameter``s,
    ``nn.MultiheadAttention``, ...): per-sample gradients of the whole model with
    ``torch.func.vmap(grad(...))`` over the samples, and a batch-of-one loop if vmap
@@ -36,12 +39,13 @@ from torch import nn
 
 from ..core.moments import ChunkMoments, Moments
 from ..data import Inputs, call_model, tree_map
-from ..errors import LossError, ModelError, NonFiniteGradientError, SlowPathWarning
+from ..errors import LossError, ModelError, SlowPathWarning
 from .bare import BroadcastParams
 from .blocks import sample_blocks, samples_moments
 from .check import inconsistent
 from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop, vmap_failure
 from .hooks import _ModuleInfo, make_hook, resolve_broadcast_calls
+from .nonfinite import NonFiniteSamples
 from .plan import PassPlan
 from .probe import LayoutProbe
 from .registry import DEFAULT_MAX_MEMORY_MB, OUTPUT_BATCHED, RuleContext, find_grad_sampler, find_moment_rule
@@ -55,7 +59,7 @@ PATH_LOOP = "loop"
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-class GradientCapture(LayoutProbe, BroadcastParams):
+class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
     """Installs hooks on ``model`` for the duration of a ``with`` block and measures chunks.
 
     ``measure_chunk(x, y, moments)`` adds one chunk's per-parameter moments to ``moments``.
@@ -131,6 +135,10 @@ class GradientCapture(LayoutProbe, BroadcastParams):
         self._probed = self._bprobed = False
         self._batch, self._tracker, self._bare_sources, self._probe_sources = 0, None, {}, {}
         self._scratch: dict = {}  # work buffers the rules keep across chunks (freed on exit)
+        # Modules whose rule forms the per-sample gradients itself (a convolution, a Linear over a sequence)
+        # and whose hook path passed the consistency check on an earlier chunk: their batch weight gradient
+        # (the backward's weight-gradient product, which the rule would only compare against) is not asked for.
+        self._skip_batch_grad: set[str] = set()
 
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> GradientCapture:
@@ -227,19 +235,23 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                         loss = self._forward_loss(x, y)
             finally:
                 self._enabled, self._tracker = False, None
-            plist = [self.params[k] for k in hooked]
+            unasked = {k for m in self._skip_batch_grad for k in self._modules[m].params}
+            asked = [k for k in hooked if k not in unasked]
+            outputs = [c.output for m in self._skip_batch_grad for c in self._modules[m].calls if c.output is not None]
             uses = parameter_uses(loss)
-            grads = torch.autograd.grad(loss, plist, allow_unused=True)
-            batch_grad = {k: g.to_dense() if g is not None and g.is_sparse else g for k, g in zip(hooked, grads)}
-            del loss
+            grads = torch.autograd.grad(loss, [self.params[k] for k in asked] + outputs, allow_unused=True)
+            batch_grad = {k: g.to_dense() if g is not None and g.is_sparse else g for k, g in zip(asked, grads)}
+            del loss, grads, outputs
             resolve_broadcast_calls(self._modules.values())
             result, moved = self._bare_moments(batch)
-            result, moved = self._from_hooks(batch, batch_grad, uses, result, moved)
+            result, moved = self._from_hooks(batch, batch_grad, uses, result, moved, unasked)
             for info in self._modules.values():
                 info.calls.clear()
             if moved:
                 self._fallback.update(moved)
+                self._skip_batch_grad.clear()  # the next attempt checks every module again
                 return None
+            self._skip_batch_grad |= self._self_checked
         if one:
             fallback = list(self.params)
         if fallback:
@@ -256,9 +268,18 @@ class GradientCapture(LayoutProbe, BroadcastParams):
             self._plan.record(one, started, batch)
         return result
 
-    def _from_hooks(self, batch: int, batch_grad: dict, uses: dict[int, int], result: dict, moved: set[str]):
+    def _from_hooks(
+        self,
+        batch: int,
+        batch_grad: dict,
+        uses: dict[int, int],
+        result: dict,
+        moved: set[str],
+        unasked: set[str] = frozenset(),
+    ):
         sampler_jobs: list = []
         trusted: set[str] = set()  # mean taken from the batch gradient by a rule (checked by graph uses instead)
+        self._self_checked: set[str] = set()  # modules whose rule did not use the batch gradient
         for info in self._modules.values():
             names = [k for k in info.params if k not in self._fallback]
             if not names:
@@ -298,6 +319,8 @@ class GradientCapture(LayoutProbe, BroadcastParams):
                             moved.add(k)
                         elif id(self.params[k]) in grads.used:
                             trusted.add(k)
+                    if calls[0].source is None and not any(k in trusted or k in moved for k in names):
+                        self._self_checked.add(info.name)
                     self.paths[info.name] = PATH_RULE
                     done = True
             if not done:
@@ -324,7 +347,8 @@ class GradientCapture(LayoutProbe, BroadcastParams):
         # Consistency check: the hook path must add up to the batch gradient.
         layers = [info.params for info in self._modules.values()]
         layers += [[k for k, m in self._bare.items() if m == owner] for owner in set(self._bare.values())]
-        moved |= inconsistent(result, batch_grad, batch, moved | trusted, layers)
+        # (parameters in ``unasked`` passed it on an earlier chunk; their batch gradient was not formed)
+        moved |= inconsistent(result, batch_grad, batch, moved | trusted | unasked, layers)
         for k in moved:
             for info in self._modules.values():
                 if k in info.params:
@@ -400,35 +424,6 @@ class GradientCapture(LayoutProbe, BroadcastParams):
 
     def _per_sample_loop(self, x: Inputs, y: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         return per_sample_loop(self._forward_loss, [self.params[k] for k in names], names, x, y)
-
-    # --- non-finite gradients ------------------------------------------------------------
-    def _handle_nonfinite(self, x: Inputs, y: torch.Tensor, batch: int, moments: Moments) -> None:
-        names = list(self.params)
-        per_sample = self._per_sample_loop(x, y, names)
-        bad_sample = torch.zeros(batch, dtype=torch.bool, device=y.device)
-        bad_params = []
-        for k, g in per_sample.items():
-            nonfinite = ~torch.isfinite(g.reshape(batch, -1)).all(1)
-            if bool(nonfinite.any()):
-                bad_params.append(k)
-                bad_sample |= nonfinite.to(bad_sample.device)
-        n_bad = int(bad_sample.sum())
-        if n_bad == 0:  # the batch path overflowed but no single sample did; use the loop result
-            for k, g in per_sample.items():
-                moments.add(k, ChunkMoments.from_samples(g, self.signs))
-            return
-        if not self.skip_nonfinite:
-            shown = ", ".join(bad_params[:8]) + (" ..." if len(bad_params) > 8 else "")
-            raise NonFiniteGradientError(
-                f"per-sample gradients are NaN/inf for {n_bad} of {batch} samples in a chunk, in parameters: "
-                f"{shown}. Check the inputs and the loss (log of 0? division by 0?), or pass "
-                "skip_nonfinite=True to skip such samples and count them"
-            )
-        self.skipped += n_bad
-        keep = (~bad_sample).nonzero().flatten()
-        if keep.numel():
-            for k, g in per_sample.items():
-                moments.add(k, ChunkMoments.from_samples(g[keep.to(g.device)], self.signs))
 
 
 class _Grads(dict):

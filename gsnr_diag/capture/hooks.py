@@ -24,6 +24,7 @@ class _Call:
     backprops: torch.Tensor | None = None
     kwargs: dict = field(default_factory=dict)
     source: Source | None = None  # set when the output is broadcast over the batch
+    output: torch.Tensor | None = None  # kept when the module's batch weight gradient is not asked for
 
 
 @dataclass
@@ -93,6 +94,8 @@ def make_hook(cap, info: _ModuleInfo):
             call.backprops = grad.detach() if post is None else post(grad.detach())
 
         out.register_hook(catch)
+        if info.name in cap._skip_batch_grad:
+            call.output = out  # autograd is asked for this output's gradient instead of the weights'
 
     return hook
 

@@ -9,11 +9,11 @@ from ..core.moments import ChunkMoments
 from .blocks import (
     _buffer,
     _combine,
-    _count_mm,
     compute_dtype,
     sample_blocks,
     samples_moments,
     shared_buffer,
+    sign_counts_outer,
     sum_moments,
 )
 from .registry import RuleContext, register_moment_rule
@@ -47,7 +47,8 @@ def _linear_weight_moments(
     resolution at any GSNR. ḡ is the batch gradient ``grad`` when given (its rounding, ~ε·|ḡ|,
     changes M2 by at most ~2ε relative: (ḡ − K) is a covariance, small where ḡ/ρ is large), else
     K + (δᵀv + (Σu)āᵀ)/B. Two matrix products per block of samples (three without ``grad``); the
-    sign counts are two exact integer products of sign matrices (sign(δa) = sign(δ)·sign(a)).
+    sign counts are exact integer products of sign matrices (sign(δa) = sign(δ)·sign(a)), one or two
+    (:func:`~gsnr_diag.capture.blocks.sign_counts_outer`).
     """
     B = int(a.shape[0])
     dt = a.dtype
@@ -60,7 +61,7 @@ def _linear_weight_moments(
     su = torch.zeros(n_out, dtype=dt, device=d.device)
     su2 = torch.zeros(n_out, dtype=dt, device=d.device)
     sv2 = torch.zeros(n_in, dtype=dt, device=d.device)
-    s_cnt = n_cnt = None
+    pos_cnt = neg_cnt = None
     blocks = list(sample_blocks(B, (n_in + 3 * n_out) * (3 * a.element_size() + 2), budget))
     for j, (s, e) in enumerate(blocks):
         ab, db = a[s:e], d[s:e]
@@ -79,13 +80,8 @@ def _linear_weight_moments(
         sv2.add_(v2.sum(0))
         del left, u, v, v2
         if signs:
-            sd, sa = torch.sign(db), torch.sign(ab)
-            if j == 0:
-                s_cnt = _count_mm(sd, sa, out=_buffer(scratch, W, "s", shape, torch.int32))
-                n_cnt = _count_mm(sd.abs_(), sa.abs_(), out=_buffer(scratch, W, "n", shape, torch.int32))
-            else:
-                s_cnt.add_(_count_mm(sd, sa))
-                n_cnt.add_(_count_mm(sd.abs_(), sa.abs_()))
+            bp, bn = sign_counts_outer(db, ab)
+            pos_cnt, neg_cnt = (bp, bn) if j == 0 else (pos_cnt.add_(bp), neg_cnt.add_(bn))
     # Every term below is of the size of the spread, so it is combined in the compute dtype.
     if grad is not None:
         diff = torch.addr(grad.to(dt), dbar, abar, alpha=-1)  # ḡ − K = Σh/B
@@ -106,8 +102,7 @@ def _linear_weight_moments(
         mean.copy_(torch.where(same, torch.outer(dbar64, abar64), mean))
     pos = neg = None
     if signs:
-        pos = torch.add(n_cnt, s_cnt, out=_buffer(scratch, W, "pos", shape, torch.int32)).bitwise_right_shift_(1)
-        neg = n_cnt.sub_(pos)  # (N − S)/2 = N − pos
+        pos, neg = pos_cnt, neg_cnt
     return ChunkMoments(B, mean, m2, pos, neg)
 
 
@@ -126,7 +121,7 @@ def linear_moments(layer: nn.Linear, ctx: RuleContext) -> dict | None:
     2-D input [B, in] (or extra dimensions of size 1): per-sample g_i = δ_i a_iᵀ is rank one,
     so the moments come from two matrix products of centred δ and a (:func:`_linear_weight_moments`,
     no Σg² − nḡ² cancellation: ρ² to the compute dtype's resolution at any GSNR) and the sign
-    counts from two exact integer products of sign matrices (:func:`sign_counts_outer`).
+    counts from exact integer products of sign matrices (:func:`sign_counts_outer`).
     Products run in the parameter's dtype (float32 for a float32 model, float64 for a float64
     model) and are stored in float64.
 

@@ -26,6 +26,8 @@ import torch
 
 from .._format import number, text_table
 from .._io import check_schema_version, clean_float
+from .derived import PENDING as _PENDING
+from .derived import Derived as _Derived
 from .moments import Moments
 from .noise import layer_noise_statistics, m_coherence, noise_scale
 from .roundoff import roundoff_mask
@@ -132,39 +134,60 @@ class GradientStats:
 
     Per-element tensors (float64, CPU, shaped like each parameter) are keyed by the names
     in ``model.named_parameters()``; undefined elements are NaN. Aggregates are plain
-    floats (``None`` when undefined).
+    floats (``None`` when undefined). Everything but ``n``, ``mean`` and ``var`` is derived
+    on first read (and cached), so a call that needs only the moments does not pay for the rest.
     """
 
     n: int
     mean: dict[str, torch.Tensor]
     var: dict[str, torch.Tensor]
-    gsnr: dict[str, torch.Tensor]
-    same_sign: dict[str, torch.Tensor] | None
-    mean_gsnr: float | None
-    gsnr_quantiles: dict[str, float | None]
-    layer_gsnr: dict[str, float | None]
-    layer_same_sign: dict[str, float | None]
-    mean_same_sign: float | None
-    osgr: float | None
-    opposite_sign: float | None
-    opposite_sign_top10: float | None
-    undefined: int
-    same_sign_undefined: int
+    gsnr: dict[str, torch.Tensor] = _Derived()
+    same_sign: dict[str, torch.Tensor] | None = _Derived()
+    mean_gsnr: float | None = _Derived()
+    gsnr_quantiles: dict[str, float | None] = _Derived()
+    layer_gsnr: dict[str, float | None] = _Derived()
+    layer_same_sign: dict[str, float | None] = _Derived()
+    mean_same_sign: float | None = _Derived()
+    osgr: float | None = _Derived()
+    opposite_sign: float | None = _Derived()
+    opposite_sign_top10: float | None = _Derived()
+    undefined: int = _Derived()
+    same_sign_undefined: int = _Derived()
     capture_paths: dict[str, str] = field(default_factory=dict)
     mode: str = "eval"
     epsilon: float = 0.0
     skipped_nonfinite: int = 0
     # gradient noise scale B_simple and m-coherence (core/noise.py), overall and per parameter tensor
-    noise_scale: float | None = None
-    layer_noise_scale: dict[str, float | None] = field(default_factory=dict)
-    m_coherence: float | None = None
-    layer_m_coherence: dict[str, float | None] = field(default_factory=dict)
+    noise_scale: float | None = _Derived()
+    layer_noise_scale: dict[str, float | None] = _Derived()
+    m_coherence: float | None = _Derived()
+    layer_m_coherence: dict[str, float | None] = _Derived()
     # delete-a-group jackknife standard errors (core/uncertainty.py), keyed "mean_gsnr", "layer_gsnr/<param>", ...
     standard_errors: dict[str, float | None] = field(default_factory=dict)
     jackknife_groups: int = 0
-    roundoff: int = 0  # of ``undefined``: elements whose per-sample gradients are all rounding noise (core/roundoff.py)
-    layer_undefined: dict[str, int] = field(default_factory=dict)
-    layer_roundoff: dict[str, int] = field(default_factory=dict)
+    # of ``undefined``: elements whose per-sample gradients are all rounding noise (core/roundoff.py)
+    roundoff: int = _Derived()
+    layer_undefined: dict[str, int] = _Derived()
+    layer_roundoff: dict[str, int] = _Derived()
+
+    def _derive(self) -> None:
+        """Compute every derived field still pending, from the inputs kept by :func:`stats_from_moments`."""
+        inputs = self.__dict__.pop("_inputs", None)
+        if inputs is None:
+            pending = [f for f in _DERIVED if self.__dict__.get("_" + f, _PENDING) is _PENDING]
+            raise TypeError(f"GradientStats: no value for {', '.join(pending)} (pass them to the constructor)")
+        derived = _derive(self.n, self.mean, self.var, *inputs, epsilon=self.epsilon)
+        for name, value in derived.items():
+            if self.__dict__.get("_" + name, _PENDING) is _PENDING:
+                self.__dict__["_" + name] = value
+
+    def __getstate__(self) -> dict:
+        if "_inputs" in self.__dict__:
+            self._derive()
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @property
     def num_elements(self) -> int:
@@ -315,31 +338,65 @@ def stats_from_moments(
     mode: str = "eval",
     skipped_nonfinite: int = 0,
 ) -> GradientStats:
-    """Finish streaming moments into :class:`GradientStats` (all aggregates of SCIENCE.md)."""
+    """Finish streaming moments into :class:`GradientStats` (all aggregates of SCIENCE.md).
+
+    ḡ and ρ² are formed now; every other field on first read (:class:`_Derived`), from the sign counts,
+    the round-off evidence and a copy of the weights taken now (so later training cannot change them).
+    """
     n = moments.n
     names = [k for k in weights if k in moments.count]
     mean = {k: moments.mean[k].detach().to("cpu", torch.float64) for k in names}
     var = {k: (moments.m2[k].detach().to("cpu", torch.float64) / (n - 1)) for k in names}
-    gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
     ev = lambda store, k: store[k].detach().cpu() if k in store else None
-    roundoff = {
-        k: roundoff_mask(mean[k], var[k], n, weights[k].dtype, ev(moments.floor, k), ev(moments.resolved, k))
-        for k in names
-    }
-    gsnr = {k: gsnr[k].masked_fill(roundoff[k], math.nan) for k in names}
-    same_sign = None
+    evidence = {k: (ev(moments.floor, k), ev(moments.resolved, k)) for k in names}
+    signs = None
     if moments.signs:
-        same_sign = {
-            k: same_sign_fraction(mean[k], moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()).masked_fill(
-                roundoff[k], math.nan
-            )
-            for k in names
-        }
+        signs = {k: (moments.pos[k].detach().cpu(), moments.neg[k].detach().cpu()) for k in names}
+    # the weights as they are now: a tensor of ndim ≥ 2 for the opposite-sign fraction, the dtype for the rest
+    kept = {k: weights[k].detach().clone() if weights[k].ndim >= 2 else weights[k].dtype for k in names}
+    stats = GradientStats(
+        n=n,
+        mean=mean,
+        var=var,
+        capture_paths=dict(capture_paths or {}),
+        mode=mode,
+        epsilon=epsilon,
+        skipped_nonfinite=skipped_nonfinite,
+    )
+    stats.__dict__["_inputs"] = (kept, evidence, signs)
+    return stats
+
+
+_DERIVED = [
+    "gsnr", "same_sign", "mean_gsnr", "gsnr_quantiles", "layer_gsnr", "layer_same_sign", "mean_same_sign", "osgr",
+    "opposite_sign", "opposite_sign_top10", "undefined", "same_sign_undefined", "noise_scale", "layer_noise_scale",
+    "m_coherence", "layer_m_coherence", "roundoff", "layer_undefined", "layer_roundoff",
+]  # fmt: skip
+
+
+def _derive(
+    n: int,
+    mean: dict[str, torch.Tensor],
+    var: dict[str, torch.Tensor],
+    kept: dict[str, Any],
+    evidence: dict[str, tuple],
+    signs: dict[str, tuple] | None,
+    *,
+    epsilon: float,
+) -> dict[str, Any]:
+    """Every derived field of :class:`GradientStats` from ḡ, ρ², the weights, round-off evidence and sign counts."""
+    names = list(mean)
+    dtype = lambda k: kept[k] if isinstance(kept[k], torch.dtype) else kept[k].dtype
+    gsnr = {k: gsnr_from_moments(mean[k], var[k], epsilon) for k in names}
+    roundoff = {k: roundoff_mask(mean[k], var[k], n, dtype(k), *evidence[k]) for k in names}
+    gsnr = {k: gsnr[k].masked_fill_(roundoff[k], math.nan) for k in names}
+    same_sign = None
+    if signs is not None:
+        same_sign = {k: same_sign_fraction(mean[k], *signs[k]).masked_fill_(roundoff[k], math.nan) for k in names}
 
     flat_r = torch.cat([gsnr[k].flatten() for k in names]) if names else torch.empty(0, dtype=torch.float64)
     q, undefined, mean_gsnr = _quantiles(flat_r)
     quantiles = {"median": None, "p90": None} if q is None else {"median": q[0], "p90": q[1]}
-    layer_gsnr = {k: _nanmean(gsnr[k]) for k in names}
 
     layer_same_sign: dict[str, float | None] = {}
     mean_same_sign = None
@@ -350,33 +407,27 @@ def stats_from_moments(
         same_sign_undefined = int(torch.isnan(flat_s).sum())
         mean_same_sign = _nanmean(flat_s)
 
-    w = {k: weights[k] for k in names}
+    w = {k: t for k, t in kept.items() if isinstance(t, torch.Tensor)}
     layer_scale, layer_coherence = layer_noise_statistics(mean, var, n)
-    return GradientStats(
-        n=n,
-        mean=mean,
-        var=var,
-        gsnr=gsnr,
-        same_sign=same_sign,
-        mean_gsnr=clean_float(mean_gsnr),
-        gsnr_quantiles=quantiles,
-        layer_gsnr={k: clean_float(v) for k, v in layer_gsnr.items()},
-        layer_same_sign=layer_same_sign,
-        mean_same_sign=mean_same_sign,
-        osgr=clean_float(osgr_single_set(list(mean.values()), list(var.values()), n)),
-        opposite_sign=opposite_sign_fraction(w, mean),
-        opposite_sign_top10=opposite_sign_fraction(w, mean, top_fraction=0.1),
-        undefined=undefined,
-        same_sign_undefined=same_sign_undefined,
-        capture_paths=dict(capture_paths or {}),
-        mode=mode,
-        epsilon=epsilon,
-        skipped_nonfinite=skipped_nonfinite,
-        noise_scale=clean_float(noise_scale(list(mean.values()), list(var.values()))),
-        layer_noise_scale={k: clean_float(v) for k, v in layer_scale.items()},
-        m_coherence=clean_float(m_coherence(list(mean.values()), list(var.values()), n)),
-        layer_m_coherence={k: clean_float(v) for k, v in layer_coherence.items()},
-        roundoff=sum(int(m.sum()) for m in roundoff.values()),
-        layer_undefined={k: int(torch.isnan(gsnr[k]).sum()) for k in names},
-        layer_roundoff={k: int(roundoff[k].sum()) for k in names},
-    )
+    means, variances = list(mean.values()), list(var.values())
+    return {
+        "gsnr": gsnr,
+        "same_sign": same_sign,
+        "mean_gsnr": clean_float(mean_gsnr),
+        "gsnr_quantiles": quantiles,
+        "layer_gsnr": {k: clean_float(_nanmean(gsnr[k])) for k in names},
+        "layer_same_sign": layer_same_sign,
+        "mean_same_sign": mean_same_sign,
+        "osgr": clean_float(osgr_single_set(means, variances, n)),
+        "opposite_sign": opposite_sign_fraction(w, mean),
+        "opposite_sign_top10": opposite_sign_fraction(w, mean, top_fraction=0.1),
+        "undefined": undefined,
+        "same_sign_undefined": same_sign_undefined,
+        "noise_scale": clean_float(noise_scale(means, variances)),
+        "layer_noise_scale": {k: clean_float(v) for k, v in layer_scale.items()},
+        "m_coherence": clean_float(m_coherence(means, variances, n)),
+        "layer_m_coherence": {k: clean_float(v) for k, v in layer_coherence.items()},
+        "roundoff": sum(int(m.sum()) for m in roundoff.values()),
+        "layer_undefined": {k: int(torch.isnan(gsnr[k]).sum()) for k in names},
+        "layer_roundoff": {k: int(roundoff[k].sum()) for k in names},
+    }
