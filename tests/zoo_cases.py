@@ -268,6 +268,7 @@ def force_path(path: str):
     from gsnr_diag.capture import capture as cap
 
     saved = (cap.find_moment_rule, cap.find_grad_sampler, cap.GradientCapture._per_sample_functorch)
+    functional = cap.GradientCapture.FUNCTIONAL_LINEAR
 
     def no_vmap(self, *args, **kwargs):
         raise RuntimeError("vmap disabled by the zoo")
@@ -277,11 +278,13 @@ def force_path(path: str):
             cap.find_moment_rule = lambda layer: None
         if path in ("functorch", "loop"):
             cap.find_grad_sampler = lambda layer: None
+            cap.GradientCapture.FUNCTIONAL_LINEAR = False  # a rule-less nn.Linear's F.linear call: no rule either
         if path == "loop":
             cap.GradientCapture._per_sample_functorch = no_vmap
         yield
     finally:
         cap.find_moment_rule, cap.find_grad_sampler, cap.GradientCapture._per_sample_functorch = saved
+        cap.GradientCapture.FUNCTIONAL_LINEAR = functional
 
 
 def expected_paths(name: str, path: str, dtype: torch.dtype) -> list[set[str]]:

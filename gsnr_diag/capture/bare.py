@@ -26,6 +26,7 @@ class BroadcastParams:
     """Uses the capture's ``params``, ``_bare`` (name → owner module), ``_fallback``, ``_modules``, ``paths``."""
 
     PROBE_SAMPLES = 16
+    FUNCTIONAL_LINEAR = True  # measure F.linear(x, self.weight, self.bias) of bare parameters by the Linear rule
 
     def _live_bare(self) -> list[str]:
         return [k for k in self._bare if k not in self._fallback]
@@ -63,7 +64,7 @@ class BroadcastParams:
         devices = [d.index for d in {p.device for p in self.params.values()} if d.type == "cuda"]
         passes = []
         for xs in (first, tree_map(swap, first)):
-            tracker = BroadcastTracker(n, record_others=True)
+            tracker = BroadcastTracker(n, record_others=True, functional_linear=self.FUNCTIONAL_LINEAR)
             bare = {k: Source(tuple(self.params[k].shape)) for k in self._live_bare()}
             for k, src in bare.items():
                 tracker.watch(self.params[k], src)
@@ -98,7 +99,7 @@ class BroadcastParams:
         self._bare_sources = {}
         if not self._needs_tracker():
             return None
-        tracker = BroadcastTracker(batch)
+        tracker = BroadcastTracker(batch, functional_linear=self.FUNCTIONAL_LINEAR)
         for k in self._live_bare():
             src = self._bare_sources[k] = Source(tuple(self.params[k].shape))
             tracker.watch(self.params[k], src)

@@ -67,11 +67,24 @@ def samples_moments(g: torch.Tensor, signs: bool, scratch: dict | None = None) -
     work = torch.empty(b * cw, dtype=torch.float32, device=g.device) if buf is None else buf
     out = torch.empty(4 if signs else 2, N, dtype=torch.float32, device=g.device)
     m2 = out[1:2]
-    mean64 = flat.sum(0, dtype=torch.float64).div_(b)  # exact sum: identical samples give M2 = 0
-    mean32 = mean64.to(torch.float32).unsqueeze(0)
+    # the mean from float64 sums (identical samples give M2 = 0), block by block: the block converted in
+    # cache and summed by a float64 GEMV is 3-4x faster than flat.sum(0, dtype=float64) on CPU
+    on_cpu = g.device.type == "cpu"
+    if on_cpu:
+        ones64 = torch.ones(1, b, dtype=torch.float64, device=g.device)
+        work64 = torch.empty(b * cw, dtype=torch.float64, device=g.device)
+        mean64 = torch.empty(1, N, dtype=torch.float64, device=g.device)
+        mean32 = torch.empty(1, N, dtype=torch.float32, device=g.device)
+    else:
+        mean64 = flat.sum(0, dtype=torch.float64, keepdim=True).div_(b)
+        mean32 = mean64.to(torch.float32)
     for c0 in range(0, N, cw):
         c1 = min(N, c0 + cw)
         blk, w = flat[:, c0:c1], work[: b * (c1 - c0)].view(b, c1 - c0)
+        if on_cpu:
+            w64 = work64[: b * (c1 - c0)].view(b, c1 - c0)
+            torch.mm(ones64, w64.copy_(blk), out=mean64[:, c0:c1])
+            mean32[:, c0:c1].copy_(mean64[:, c0:c1].div_(b))
         mc = mean32[:, c0:c1]
         torch.mm(ones, torch.sub(blk, mc, out=w).square_(), out=m2[:, c0:c1])
         if signs:

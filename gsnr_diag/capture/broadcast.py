@@ -91,10 +91,11 @@ def reduce_broadcast(grad: torch.Tensor, shape: tuple, drop_leading: bool) -> to
 class BroadcastTracker(TorchFunctionMode):
     """Follows watched tensors through one forward pass (see the module docstring)."""
 
-    def __init__(self, batch: int, record_others: bool = False):
+    def __init__(self, batch: int, record_others: bool = False, functional_linear: bool = True):
         super().__init__()
         self.batch = batch
         self.record_others = record_others
+        self.functional_linear = functional_linear  # F.linear on watched tensors measured by the Linear rule
         self._watched: dict[int, tuple[torch.Tensor, Source]] = {}
 
     def watch(self, t: torch.Tensor, source: Source) -> None:
@@ -119,7 +120,7 @@ class BroadcastTracker(TorchFunctionMode):
         hits = [(i, a, s) for i, a in enumerate(flat) if (s := self._source_of(a)) is not None]
         if not hits or not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out  # metadata (shape, device, ...) or a non-differentiable use
-        if func in _LINEAR:
+        if func in _LINEAR and self.functional_linear:
             self._linear(args, kwargs, hits, out)
             return out
         for i, a, src in hits:
