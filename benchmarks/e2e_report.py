@@ -72,6 +72,11 @@ def targets(res: dict) -> list[str]:
                     f"| mlp: layout probe + building GradientStats ≤ 10% of the call | {o['probe_s'] * 1e3:.1f} ms + "
                     f"{o['stats_s'] * 1e3:.1f} ms = {share:.1%} of {call * 1e3:.0f} ms | {verdict(share, 0.10)} |"
                 )
+                if "derive_s" in o:
+                    L.append(
+                        f"| mlp: (not in the call) deriving the aggregates on first read | "
+                        f"{o['derive_s'] * 1e3:.1f} ms = {o['derive_s'] / call:.1%} of the call | – |"
+                    )
         if g and f:
             L.append(f"| {m}: not slower than torch.func | {g:.2f}× vs {f:.2f}× | {verdict(g, f)} |")
     return L
