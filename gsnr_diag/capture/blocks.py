@@ -59,10 +59,11 @@ def samples_moments(g: torch.Tensor, signs: bool, scratch: dict | None = None) -
     if signs and b >= 2**24:
         return _moments_64_counts(g)
     # Sums over the samples as products with a row of ones (a GEMV, ~3× faster than .sum(0) on
-    # [b, N], the same float32 accumulation), over column blocks of ~256 KB so that the passes
-    # (mean, deviations, squares, signs) run in cache; one work buffer serves every block.
+    # [b, N], the same float32 accumulation), over column blocks of ~1 MB so that the passes
+    # (mean, deviations, squares, signs) run in cache (1-2 MB measured 1.5-2x faster than 256 KB on an
+    # AVX2 EPYC: fewer op calls per element); one work buffer serves every block.
     ones = torch.ones(1, b, dtype=torch.float32, device=g.device)
-    cw = N if g.device.type != "cpu" else max(64, min(N, (256 << 10) // (4 * b)))
+    cw = N if g.device.type != "cpu" else max(64, min(N, (1 << 20) // (4 * b)))
     buf = shared_buffer(scratch, "work", (b * cw,), torch.float32, g.device)
     work = torch.empty(b * cw, dtype=torch.float32, device=g.device) if buf is None else buf
     out = torch.empty(4 if signs else 2, N, dtype=torch.float32, device=g.device)
