@@ -172,6 +172,19 @@ def _int8_faster(device: torch.device) -> bool:
     return faster
 
 
+def _int8_used(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether xᵀy goes to the checked int8 kernel: trusted and faster on this device, a result large enough."""
+    dev = x.device.type
+    m, n = x.shape[1], y.shape[1]
+    return (
+        _INT8_MM_OK.get(dev, True)
+        and hasattr(torch, "_int_mm")
+        and min(m, n) >= 2
+        and m * n >= _INT8_MIN_SIZE
+        and _int8_faster(x.device)
+    )
+
+
 def _int8_mm_checked(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
     """xᵀy by ``torch._int_mm`` (int8 × int8 → int32), verified; ``None`` where it cannot be trusted.
 
@@ -183,10 +196,7 @@ def _int8_mm_checked(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None)
     float32 (:func:`_int8_faster`).
     """
     dev = x.device.type
-    m, n = x.shape[1], y.shape[1]
-    if not _INT8_MM_OK.get(dev, True) or not hasattr(torch, "_int_mm") or min(m, n) < 2 or m * n < _INT8_MIN_SIZE:
-        return None
-    if not _int8_faster(x.device):
+    if not _int8_used(x, y):
         return None
     bound = 7 * x.shape[0] * y.shape[1]  # |(xᵀy)r| ≤ 7·k·n for r in {1..7}ⁿ and entries in {-1, 0, 1}
     if bound >= 2**31:
@@ -248,18 +258,6 @@ def _encoded_counts(d: torch.Tensor, a: torch.Tensor, nonneg: bool) -> tuple[tor
     r.add_(both, alpha=-K * K)
     neg = torch.mul(r, 1.0 / K).floor_()
     return r.add_(neg, alpha=-K).add_(both), neg
-
-
-def _int8_used(x: torch.Tensor, y: torch.Tensor) -> bool:
-    dev = x.device.type
-    m, n = x.shape[1], y.shape[1]
-    return (
-        _INT8_MM_OK.get(dev, True)
-        and hasattr(torch, "_int_mm")
-        and min(m, n) >= 2
-        and m * n >= _INT8_MIN_SIZE
-        and _int8_faster(x.device)
-    )
 
 
 def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -139,6 +139,8 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
         # and whose hook path passed the consistency check on an earlier chunk: their batch weight gradient
         # (the backward's weight-gradient product, which the rule would only compare against) is not asked for.
         self._skip_batch_grad: set[str] = set()
+        # of the last chunk's rule modules, those that did not use the batch gradient
+        self._self_checked: set[str] = set()
 
     # --- hooks -------------------------------------------------------------------------
     def __enter__(self) -> GradientCapture:
@@ -279,7 +281,7 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
     ):
         sampler_jobs: list = []
         trusted: set[str] = set()  # mean taken from the batch gradient by a rule (checked by graph uses instead)
-        self._self_checked: set[str] = set()  # modules whose rule did not use the batch gradient
+        self._self_checked = set()
         for info in self._modules.values():
             names = [k for k in info.params if k not in self._fallback]
             if not names:

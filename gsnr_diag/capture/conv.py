@@ -42,9 +42,6 @@ def _unfold(layer: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 def _conv_weight_moments_grouped(
     layer, x: torch.Tensor, d: torch.Tensor, dt: torch.dtype, signs: bool, budget: float
 ) -> ChunkMoments:
