@@ -257,3 +257,12 @@ METHODS = {
     "backpack SumGradSquared (no signs)": method_backpack_sgs,
     "loop": method_loop,
 }
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except Exception:
+        return "?"

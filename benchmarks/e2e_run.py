@@ -21,12 +21,9 @@ def _meta(device: str, started, quick: bool) -> dict:
         tv = transformers.__version__
     except ImportError:
         tv = "not installed"
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except Exception:
-        pass
+    from common import cpu_name
+
+    cpu = cpu_name()
     if device.startswith("cuda"):
         cpu = torch.cuda.get_device_name()
     return {

@@ -378,12 +378,9 @@ def _render(timing, memory, flat, started, finished, load_before, load_after, qu
         bp = f"backpack-for-pytorch {version('backpack-for-pytorch')}"
     except Exception:
         bp = "BackPACK not installed"
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except Exception:
-        pass
+    from common import cpu_name
+
+    cpu = cpu_name()
     L = []
     L.append("# gsnr-diag benchmarks\n")
     L.append(

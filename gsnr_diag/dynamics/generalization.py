@@ -25,9 +25,10 @@ The band adds two parts, both stated in docs/SCIENCE.md:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .._io import clean_float
 
 __all__ = [
     "Z_95",
@@ -43,16 +44,6 @@ __all__ = [
 Z_95 = 1.959964
 
 Number = float | int | None
-
-
-def _f(x: Number) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 @dataclass
@@ -103,9 +94,9 @@ def predict_test_loss(
     """
     if rule not in ("trapezoid", "left"):
         raise ValueError(f"rule: expected 'trapezoid' or 'left', got {rule!r}")
-    L = [_f(x) for x in train_loss]
-    R = [_f(x) for x in osgr]
-    S = [_f(x) for x in (osgr_se or [None] * len(L))]
+    L = [clean_float(x) for x in train_loss]
+    R = [clean_float(x) for x in osgr]
+    S = [clean_float(x) for x in (osgr_se or [None] * len(L))]
     out: list[Prediction | None] = [None] * len(L)
     if not L or L[0] is None:
         return out
@@ -172,7 +163,7 @@ def integrated_osgr(
 
 def measured_ratio(train_loss: Sequence[Number], test_loss: Sequence[Number]) -> float | None:
     """(L'_0 − L'_T)/(L_0 − L_T) between the first and last snapshots with both losses (eq. 23 over the run)."""
-    pairs = [(_f(a), _f(b)) for a, b in zip(train_loss, test_loss)]
+    pairs = [(clean_float(a), clean_float(b)) for a, b in zip(train_loss, test_loss)]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if len(pairs) < 2 or pairs[0][0] - pairs[-1][0] <= 0:
         return None
