@@ -123,3 +123,58 @@ def test_attention_dropout_in_train_mode_goes_to_the_fallback():
     x = dict(x=_x(N, T, E), mem=_x(N, S, E), pad=_padding())
     s = gradient_stats(model, [(x, _y())], nn.CrossEntropyLoss(), mode="train")
     assert s.capture_paths["attn"] in ("functorch", "loop")
+
+
+SELF = [n for n, kw in CASES.items() if kw.get("kind", "self") == "self"]
+
+
+@pytest.mark.parametrize("name", SELF)
+def test_self_attention_backprops_are_caught_in_the_main_pass(name, monkeypatch):
+    """Packed self-attention: o and [δq̃ δk̃ δṽ] come from the main pass's graph, no second attention pass."""
+    from gsnr_diag.capture import attention
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("the attention core was re-run")
+
+    monkeypatch.setattr(attention, "_backprops", no_rerun)
+    kw = dict(CASES[name])
+    torch.manual_seed(0)
+    x = dict(x=_x(N, T, E), mem=_x(N, S, E), pad=_padding())
+    got = compare(Attend(**kw).double(), x, _y(), nn.CrossEntropyLoss())
+    assert got.capture_paths["attn"] == "moment-rule"
+
+
+class EmbedAttend(nn.Module):
+    """Self-attention behind a trainable embedding: later chunks skip its batch weight gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.out = nn.Linear(E, C)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("upstream", [True, False])
+def test_caught_backprops_over_chunks_with_and_without_trainable_layers_upstream(upstream, monkeypatch):
+    """Over several chunks, with the batch weight gradient skipped after the first: exact either way.
+
+    Without a trainable layer upstream the main backward stops at the attention's output on later
+    chunks, nothing is caught, and the rule re-runs the core; with one, every chunk is caught.
+    """
+    from gsnr_diag.capture import attention
+
+    reruns = []
+    real = attention._backprops
+    monkeypatch.setattr(attention, "_backprops", lambda *a, **k: reruns.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = EmbedAttend().double()
+    model.emb.weight.requires_grad_(upstream)
+    tokens = torch.randint(0, 11, (N * 3, T), generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, C, (N * 3,), generator=torch.Generator().manual_seed(6))
+    got = compare(model, tokens, y, nn.CrossEntropyLoss(), batch_size=N)
+    assert got.capture_paths["attn"] == "moment-rule"
+    assert (len(reruns) == 0) if upstream else (len(reruns) == 2)

@@ -1,14 +1,21 @@
-"""nn.MultiheadAttention: per-sample gradients of its projections from one re-run of the attention core.
+"""nn.MultiheadAttention: per-sample gradients of its projections, caught in the main pass or from a re-run.
 
 Its projections are bare parameters used inside ``F.multi_head_attention_forward``, so no layer hook
-sees their inputs and backprops. The rule has both ends: the layer's inputs (query, key, value and
+sees their inputs and backprops (and a ``TorchFunctionMode`` sees that function as one call). For
+self-attention with packed weights (``nn.TransformerEncoderLayer``) the rule's ``inner`` hook finds,
+in the autograd graph of the layer's output, the node of the in-projection product (the child of
+W_in) and that of out_proj (the child of W_out): a pre-hook on the first catches the backprop of the
+packed projection [q̃ k̃ ṽ] during the main backward pass, and the second's saved input is the
+attention output o. No second attention pass is run. Otherwise (cross-attention, separate q/k/v
+weights, a graph of another shape) the rule has both ends: the layer's inputs (query, key, value and
 the masks) and the backprop δ of its output. From the inputs it forms the projections
 q̃ = x_q W_qᵀ + b_q, k̃, ṽ, re-runs the attention core on them (``scaled_dot_product_attention`` with
 the masks applied as ``F.multi_head_attention_forward`` does) to get the attention output o (the input
 of ``out_proj``), and one ``autograd.grad`` of o with the output gradient δ W_out gives the backprops
 δq̃, δk̃, δṽ. Then, as for a Linear on a sequence (eq. 1): g_i(W_q) = Σ_t δq̃_it x_q,itᵀ, …,
 g_i(W_out) = Σ_t δ_it o_itᵀ, formed block by block over samples. The attention core never mixes
-samples, so row i of every backprop is sample i's.
+samples, so row i of every backprop is sample i's. Either way the capture's consistency check
+compares Σ_i g_i with the batch gradient on the first chunk.
 """
 
 from __future__ import annotations
@@ -97,8 +104,99 @@ def _backprops(layer: nn.MultiheadAttention, xs: list, d: torch.Tensor, a: dict,
     return o.detach(), [g.detach() for g in grads]
 
 
-def _in_proj_moments(layer, xs: list, ds: list, dt, signs: bool, budget: float, scratch: dict | None) -> dict:
-    """Moments of the input projections' weights (packed or separate) and the packed bias."""
+_GRAPH_NODES = 512  # the most autograd nodes searched for the projections (the layer's own graph is ~40)
+
+
+class Inner:
+    """What the ``inner`` hook caught of one self-attention call: o (out_proj's input) and the packed backprop.
+
+    Both are seq-first and flattened, ``[T·B, E]`` and ``[T·B, 3E]`` (rows ordered (t, b), as
+    ``F.multi_head_attention_forward`` lays them out); the backprop is that of the batch-mean loss.
+    """
+
+    def __init__(self, o: torch.Tensor):
+        self.o = o
+        self.backprop: torch.Tensor | None = None
+
+    def catch(self, grad_outputs):
+        self.backprop = grad_outputs[0].detach()
+
+
+def _product_of(node, weight: torch.Tensor) -> bool:
+    """Whether ``node`` multiplies by ``weight``ᵀ (a child TBackward0 of the weight's AccumulateGrad)."""
+    for child, _ in node.next_functions:
+        if child is not None and child.name() == "TBackward0":
+            leaf = child.next_functions[0][0] if child.next_functions else None
+            if getattr(leaf, "variable", None) is weight:
+                return True
+    return False
+
+
+def inner_hook(layer: nn.MultiheadAttention, args: tuple, output: torch.Tensor) -> Inner | None:
+    """In the forward hook: find the in-projection and out_proj nodes of a packed self-attention call.
+
+    ``None`` (the rule re-runs the attention core) unless exactly one node multiplies by W_in and one
+    by W_out, and out_proj's saved input has the size of o.
+    """
+    q = args[0] if args else None
+    if not (
+        layer._qkv_same_embed_dim
+        and len(args) >= 3
+        and q is args[1]
+        and q is args[2]
+        and isinstance(q, torch.Tensor)
+        and q.ndim == 3
+        and layer.in_proj_weight.requires_grad
+        and output.grad_fn is not None
+    ):
+        return None
+    w_in, w_out = layer.in_proj_weight, layer.out_proj.weight
+    found_in, found_out, seen, todo = [], [], set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _GRAPH_NODES:
+            return None
+        if _product_of(node, w_in):
+            found_in.append(node)
+            continue  # below it: the graph of the layer's input
+        if _product_of(node, w_out):
+            found_out.append(node)
+        todo.extend(child for child, _ in node.next_functions if child is not None)
+    if len(found_in) != 1 or len(found_out) != 1:
+        return None
+    node_out = found_out[0]
+    o = getattr(node_out, "_saved_mat1", None) if node_out.name() == "AddmmBackward0" else None
+    if o is None and node_out.name() == "MmBackward0":
+        o = getattr(node_out, "_saved_self", None)
+    if not isinstance(o, torch.Tensor) or o.numel() != q.numel():
+        return None
+    inner = Inner(o.detach())
+    found_in[0].register_prehook(inner.catch)
+    return inner
+
+
+def _caught(layer: nn.MultiheadAttention, inner, d: torch.Tensor):
+    """``(o, [δq̃ δk̃ δṽ])`` batch-first (``[B, T, E]``, ``[B, T, 3E]``) from what :func:`inner_hook` caught;
+    ``None`` if it caught nothing (the main backward pass did not reach the layer's projections)."""
+    if not isinstance(inner, Inner) or inner.backprop is None:
+        return None
+    B, T, E = d.shape
+    if inner.backprop.numel() != T * B * 3 * E or inner.o.numel() != T * B * E:
+        return None
+    packed = inner.backprop.reshape(T, B, 3 * E).transpose(0, 1) * B  # × B: each sample's own loss
+    o = inner.o.reshape(T, B, E).transpose(0, 1)
+    return o, packed
+
+
+def _in_proj_moments(
+    layer, xs: list, ds: list, dt, signs: bool, budget: float, scratch: dict | None, packed=None
+) -> dict:
+    """Moments of the input projections' weights (packed or separate) and the packed bias.
+
+    ``packed``: [δq̃ δk̃ ṽ] as one ``[B, T, 3E]`` tensor when the backprops are its views (no concatenation)."""
     out: dict = {}
     B = int(ds[0].shape[0])
     E = layer.embed_dim
@@ -116,7 +214,7 @@ def _in_proj_moments(layer, xs: list, ds: list, dt, signs: bool, budget: float, 
         for s, e in sample_blocks(B, per_sample, budget):
             buf = shared_buffer(scratch, "g", (e - s, *W.shape), dt, W.device)
             if same:  # self-attention: one product for the packed weight, [δq̃ δk̃ δṽ]ᵀ x
-                dcat = torch.cat([ds[j][s:e] for j in parts], dim=-1)
+                dcat = packed[s:e] if packed is not None else torch.cat([ds[j][s:e] for j in parts], dim=-1)
                 g = torch.bmm(dcat.transpose(1, 2), xs[parts[0]][s:e].to(dt), out=buf)
             else:
                 g = torch.cat([torch.bmm(ds[j][s:e].transpose(1, 2), xs[j][s:e].to(dt)) for j in parts], dim=1)
@@ -149,8 +247,15 @@ def multihead_attention_moments(layer: nn.MultiheadAttention, ctx: RuleContext) 
         xs[1] = q
     if v is k:
         xs[2] = xs[1]
-    o, ds = _backprops(layer, xs, d, a, dt)
-    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget, ctx.scratch)
+    got = _caught(layer, ctx.inner, d)
+    packed = None
+    if got is None:
+        o, ds = _backprops(layer, xs, d, a, dt)
+    else:
+        o, packed = got[0].to(dt), got[1].to(dt)
+        E = layer.embed_dim
+        ds = [packed[..., :E], packed[..., E : 2 * E], packed[..., 2 * E :]]
+    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget, ctx.scratch, packed)
     proj = RuleContext([o], d, ctx.signs, ctx.budget, None, ctx.scratch)
     out.update(linear_moments(layer.out_proj, proj) or {})
     return out
@@ -158,4 +263,5 @@ def multihead_attention_moments(layer: nn.MultiheadAttention, ctx: RuleContext) 
 
 multihead_attention_moments.first_output = True  # forward returns (output, attention weights)
 multihead_attention_moments.to_batch_first = to_batch_first
+multihead_attention_moments.inner = inner_hook  # catches o and the projections' backprop in the main pass
 multihead_attention_moments.owns_children = True  # out_proj's parameters are used inside the layer's forward

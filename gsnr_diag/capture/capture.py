@@ -126,6 +126,7 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
                 names,
                 first_output=getattr(rule, "first_output", False),
                 to_batch_first=getattr(rule, "to_batch_first", None),
+                inner=getattr(rule, "inner", None),
             )
         self._fallback_method = PATH_FUNCTORCH
         self._plan = PassPlan(next(iter(self.params.values())).device)
@@ -307,7 +308,7 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
                 grads = _Grads({self.params[k]: given[k] for k in names if given.get(k) is not None})
                 c = calls[0]
                 ctx = RuleContext(c.activations, c.backprops * batch, self.signs, self.budget, grads, self._scratch)
-                ctx.kwargs = c.kwargs
+                ctx.kwargs, ctx.inner = c.kwargs, c.inner
                 out = rule(module, ctx)
                 if out is not None:
                     for p, c in out.items():

@@ -25,6 +25,7 @@ class _Call:
     kwargs: dict = field(default_factory=dict)
     source: Source | None = None  # set when the output is broadcast over the batch
     output: torch.Tensor | None = None  # kept when the module's batch weight gradient is not asked for
+    inner: object = None  # what the rule's ``inner`` hook caught inside the module's forward (attention)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class _ModuleInfo:
     first_output: bool = False  # the module returns a tuple whose first element is measured (attention)
     broadcast: bool = False  # the layout probe saw it run on a batch of one (its output is broadcast)
     to_batch_first: Callable | None = None  # (module, args) → (args as [B, ...], backprop transform or None)
+    inner: Callable | None = None  # (module, args, output) → what it catches inside the forward, for the rule
 
 
 def _detach_all(args, seen: dict) -> list:
@@ -94,6 +96,8 @@ def make_hook(cap, info: _ModuleInfo):
             call.backprops = grad.detach() if post is None else post(grad.detach())
 
         out.register_hook(catch)
+        if info.inner is not None:
+            call.inner = info.inner(module, args, out)
         if info.name in cap._skip_batch_grad:
             call.output = out  # autograd is asked for this output's gradient instead of the weights'
 

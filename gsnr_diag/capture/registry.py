@@ -37,7 +37,9 @@ class RuleContext:
     ``[B, ...]``; ``signs``: whether to count signs; ``budget``: bytes one materialized block may hold;
     ``grads``: parameter → batch gradient ∂L/∂θ = Σ_i g_i / B (autograd computed it already; a rule may
     take the mean from it); ``scratch``: a dict kept across chunks for work buffers (the ChunkMoments a
-    rule returns may live in them, valid until the next chunk); ``kwargs``: the keyword inputs of the call.
+    rule returns may live in them, valid until the next chunk); ``kwargs``: the keyword inputs of the call;
+    ``inner``: what the rule's own ``inner`` hook (``rule.inner(layer, args, output)``, run in the forward
+    hook) caught inside the layer's forward, or ``None``.
     """
 
     activations: list
@@ -47,6 +49,7 @@ class RuleContext:
     grads: Mapping | None = None
     scratch: dict | None = field(default=None)
     kwargs: dict = field(default_factory=dict)
+    inner: object = None
 
 
 MomentRule = Callable[[nn.Module, RuleContext], "dict | None"]
