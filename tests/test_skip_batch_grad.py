@@ -6,6 +6,9 @@ sequence is measured from its output's gradient alone. The statistics stay those
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from fastpath_compare import compare
 from torch import nn
@@ -49,3 +52,35 @@ def test_which_modules_skip_it_after_the_first_chunk():
         cap.measure_chunk(x[5:10], y[5:10], moments)
         assert cap._skip_batch_grad == {"conv", "tok"}
     assert model.conv.weight.grad is None
+
+
+class _Watched(ConvSeq):
+    """ConvSeq that keeps weak references to the activations of every forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list = []
+
+    def forward(self, x):
+        h = self.conv(x)  # the output that the capture asks autograd about after the first chunk
+        self.seen.append(weakref.ref(h))
+        return self.head(self.tok(h.relu().transpose(1, 2)).mean(1))
+
+
+def test_no_chunk_keeps_its_autograd_graph_alive():
+    """Regression: output → backprop hook → call → output was a cycle the collector does not break, so every
+    chunk after the first left its whole graph (each saved activation) alive: memory grew with the data."""
+    torch.manual_seed(0)
+    model = _Watched().double()
+    x, y = _data(40)
+    moments = Moments()
+    with torch.enable_grad(), GradientCapture(model, nn.CrossEntropyLoss()) as cap:
+        for s in range(0, 40, 5):
+            cap.measure_chunk(x[s : s + 5], y[s : s + 5], moments)
+            gc.collect()
+            assert cap._skip_batch_grad and all(r() is None for r in model.seen), f"alive after chunk {s // 5}"
+    from gsnr_diag import gradient_stats
+
+    gradient_stats(model, (x, y), nn.CrossEntropyLoss(), batch_size=5)
+    gc.collect()
+    assert len(model.seen) > 10 and all(r() is None for r in model.seen)

@@ -179,24 +179,26 @@ def inner_hook(layer: nn.MultiheadAttention, args: tuple, output: torch.Tensor) 
 
 
 def _caught(layer: nn.MultiheadAttention, inner, d: torch.Tensor):
-    """``(o, [δq̃ δk̃ δṽ])`` batch-first (``[B, T, E]``, ``[B, T, 3E]``) from what :func:`inner_hook` caught;
-    ``None`` if it caught nothing (the main backward pass did not reach the layer's projections)."""
+    """``(o, [δq̃ δk̃ δṽ] / B)`` batch-first (``[B, T, E]``, ``[B, T, 3E]``) from what :func:`inner_hook` caught
+    (the backprop of the batch-mean loss, B times smaller than each sample's own); ``None`` if it caught
+    nothing (the main backward pass did not reach the layer's projections)."""
     if not isinstance(inner, Inner) or inner.backprop is None:
         return None
     B, T, E = d.shape
     if inner.backprop.numel() != T * B * 3 * E or inner.o.numel() != T * B * E:
         return None
-    packed = inner.backprop.reshape(T, B, 3 * E).transpose(0, 1) * B  # × B: each sample's own loss
+    packed = inner.backprop.reshape(T, B, 3 * E).transpose(0, 1)  # of the batch mean: B × this is sample i's own
     o = inner.o.reshape(T, B, E).transpose(0, 1)
     return o, packed
 
 
 def _in_proj_moments(
-    layer, xs: list, ds: list, dt, signs: bool, budget: float, scratch: dict | None, packed=None
+    layer, xs: list, ds: list, dt, signs: bool, budget: float, scratch: dict | None, packed=None, scale: float = 1.0
 ) -> dict:
     """Moments of the input projections' weights (packed or separate) and the packed bias.
 
-    ``packed``: [δq̃ δk̃ ṽ] as one ``[B, T, 3E]`` tensor when the backprops are its views (no concatenation)."""
+    ``packed``: [δq̃ δk̃ ṽ] as one ``[B, T, 3E]`` tensor when the backprops are its views (no concatenation).
+    ``scale``: the factor from ``ds`` to each sample's own backprop, applied inside the products."""
     out: dict = {}
     B = int(ds[0].shape[0])
     E = layer.embed_dim
@@ -215,15 +217,21 @@ def _in_proj_moments(
             buf = shared_buffer(scratch, "g", (e - s, *W.shape), dt, W.device)
             if same:  # self-attention: one product for the packed weight, [δq̃ δk̃ δṽ]ᵀ x
                 dcat = packed[s:e] if packed is not None else torch.cat([ds[j][s:e] for j in parts], dim=-1)
-                g = torch.bmm(dcat.transpose(1, 2), xs[parts[0]][s:e].to(dt), out=buf)
+                x = xs[parts[0]][s:e].to(dt)
+                if buf is None:
+                    g = torch.bmm(dcat.transpose(1, 2), x).mul_(scale)
+                else:  # beta=0: buf's old contents are ignored; the scale is applied inside the product
+                    g = torch.baddbmm(buf, dcat.transpose(1, 2), x, beta=0, alpha=scale, out=buf)
             else:
                 g = torch.cat([torch.bmm(ds[j][s:e].transpose(1, 2), xs[j][s:e].to(dt)) for j in parts], dim=1)
+                g = g.mul_(scale) if scale != 1.0 else g
             acc = _combine(acc, samples_moments(g, signs, scratch))
             del g
         out[W] = acc
     b = layer.in_proj_bias
     if b is not None and b.requires_grad:
-        out[b] = samples_moments(torch.cat([dj.sum(1) for dj in ds], dim=-1).reshape(B, 3 * E), signs)
+        gb = torch.cat([dj.sum(1) for dj in ds], dim=-1).reshape(B, 3 * E)
+        out[b] = samples_moments(gb.mul_(scale) if scale != 1.0 else gb, signs)
     return out
 
 
@@ -248,14 +256,14 @@ def multihead_attention_moments(layer: nn.MultiheadAttention, ctx: RuleContext) 
     if v is k:
         xs[2] = xs[1]
     got = _caught(layer, ctx.inner, d)
-    packed = None
+    packed, scale = None, 1.0
     if got is None:
         o, ds = _backprops(layer, xs, d, a, dt)
     else:
-        o, packed = got[0].to(dt), got[1].to(dt)
+        o, packed, scale = got[0].to(dt), got[1].to(dt), float(d.shape[0])
         E = layer.embed_dim
         ds = [packed[..., :E], packed[..., E : 2 * E], packed[..., 2 * E :]]
-    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget, ctx.scratch, packed)
+    out = _in_proj_moments(layer, xs, ds, dt, ctx.signs, ctx.budget, ctx.scratch, packed, scale)
     proj = RuleContext([o], d, ctx.signs, ctx.budget, None, ctx.scratch)
     out.update(linear_moments(layer.out_proj, proj) or {})
     return out

@@ -44,7 +44,7 @@ from .bare import BroadcastParams
 from .blocks import sample_blocks, samples_moments
 from .check import inconsistent
 from .fallback import describe, parameter_uses, per_sample_functorch, per_sample_loop, vmap_failure
-from .hooks import _ModuleInfo, make_hook, resolve_broadcast_calls
+from .hooks import _ModuleInfo, make_hook, release_outputs, resolve_broadcast_calls
 from .nonfinite import NonFiniteSamples
 from .plan import PassPlan
 from .probe import LayoutProbe
@@ -155,6 +155,7 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
         self._handles.clear()
         self._enabled = False
         self._scratch.clear()
+        release_outputs(self._modules.values())
         for info in self._modules.values():
             info.calls.clear()
 
@@ -241,6 +242,7 @@ class GradientCapture(LayoutProbe, BroadcastParams, NonFiniteSamples):
             unasked = {k for m in self._skip_batch_grad for k in self._modules[m].params}
             asked = [k for k in hooked if k not in unasked]
             outputs = [c.output for m in self._skip_batch_grad for c in self._modules[m].calls if c.output is not None]
+            release_outputs(self._modules.values())
             uses = parameter_uses(loss)
             grads = torch.autograd.grad(loss, [self.params[k] for k in asked] + outputs, allow_unused=True)
             batch_grad = {k: g.to_dense() if g is not None and g.is_sparse else g for k, g in zip(asked, grads)}

@@ -114,3 +114,14 @@ def resolve_broadcast_calls(infos) -> None:
                 info.problem = c.source.problem
             else:
                 c.backprops = c.source.total()
+
+
+def release_outputs(infos) -> None:
+    """Drop the calls' references to their outputs once autograd has been asked about them.
+
+    output → its backprop hook → call → output is a cycle that Python's collector does not break through a
+    tensor: it would keep the chunk's whole autograd graph (every saved activation) alive after the chunk.
+    """
+    for info in infos:
+        for c in info.calls:
+            c.output = None
