@@ -61,6 +61,33 @@ def test_count_products_exact_for_every_shape(shape):
             assert torch.equal(pos, want_pos) and torch.equal(neg, want_neg)
 
 
+@pytest.mark.parametrize("zeros", ["none", "one column", "most columns", "a zero column", "zeros in d"])
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("k", [1, 256, 300])
+def test_counts_of_mixed_sign_inputs_are_exact(zeros, precision, k):
+    """Inputs of both signs: one sign product, the non-zero counts from the zeros of ``a`` (some, most, none)."""
+    g = torch.Generator().manual_seed(k)
+    d, a = torch.randn(k, 7, generator=g), torch.randn(k, 11, generator=g)
+    if zeros == "one column":
+        a[::2, 3] = 0
+    elif zeros == "most columns":
+        a[a.abs() < 0.8] = 0
+    elif zeros == "a zero column":
+        a[:, 0] = 0
+    elif zeros == "zeros in d":
+        d[d.abs() < 0.5] = 0
+        d[:, 1] = 0
+    want_pos, want_neg = _exact_counts(d, a)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        pos, neg = blocks.sign_counts_outer(d, a)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert torch.equal(pos.to(torch.int32), want_pos) and torch.equal(neg.to(torch.int32), want_neg)
+    assert not (pos.frac().any() or neg.frac().any())
+
+
 def test_a_garbage_int8_kernel_is_detected(monkeypatch):
     """A kernel that returns wrong integers (as ``_int_mm`` does for one-row operands) is caught and dropped."""
     saved = dict(blocks._INT8_MM_OK)

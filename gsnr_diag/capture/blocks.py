@@ -232,32 +232,48 @@ def _count_mm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None)
     return r if out is None else out.copy_(r)
 
 
-_ENCODED_MAX_MIXED = 255  # b·(b+1)² < 2²⁴: the samples of one encoded product when a has both signs
-_ENCODED_MAX_NONNEG = 4095  # b·(b+1) < 2²⁴: ... when a ≥ 0 (after a ReLU)
+_ENCODED_MAX_NONNEG = 4095  # b·(b+1) < 2²⁴: the samples of one encoded product (a ≥ 0)
 
 
-def _encoded_counts(d: torch.Tensor, a: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """#pos and #neg of g_i = d_i a_iᵀ over the rows of ``d``, ``a`` by one float32 product (float32 counts).
+def _encoded_counts(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """#pos and #neg of g_i = d_i a_iᵀ over the rows of ``d``, for ``a`` ≥ 0, by one float32 product.
 
-    With p = [d > 0], q = [d < 0], P = [a > 0], Q = [a < 0] (0/1 matrices) and K = 2⁸ > b for b ≤ 255
-    samples, (p + Kq)ᵀ(P + KQ) = pᵀP + K(pᵀQ + qᵀP) + K²qᵀQ, whose three base-K digits are each ≤ b:
-    #pos = pᵀP + qᵀQ and #neg = pᵀQ + qᵀP. Every partial sum of the product is an integer below
-    b·K² < 2²⁴, so float32 holds it exactly in any summation order. With a ≥ 0 (Q = 0; K = 2¹² > b
-    for b ≤ 4095) the product is (p + Kq)ᵀP = #pos + K·#neg. One product instead of two
-    (:func:`sign_counts_outer`); the digits come out exactly by power-of-two scaling and ``floor``.
+    With p = [d > 0], q = [d < 0], P = [a > 0] (0/1 matrices) and K = 2¹² > b for b ≤ 4095 samples,
+    (p + Kq)ᵀP = #pos + K·#neg, both digits ≤ b. Every partial sum of the product is an integer
+    below b·(K + 1) < 2²⁴, so float32 holds it exactly in any summation order; the digits come out
+    exactly by power-of-two scaling and ``floor``. One product instead of two (:func:`sign_counts_outer`).
     """
-    K = 4096.0 if nonneg else 256.0
+    K = 4096.0
     x = (d > 0).to(torch.float32).add_((d < 0).to(torch.float32), alpha=K)
-    if nonneg:
-        r = x.t() @ (a > 0).to(torch.float32)
-        neg = torch.mul(r, 1.0 / K).floor_()
-        return r.add_(neg, alpha=-K), neg
-    y = (a > 0).to(torch.float32).add_((a < 0).to(torch.float32), alpha=K)
-    r = x.t() @ y
-    both = torch.mul(r, 1.0 / (K * K)).floor_()  # qᵀQ
-    r.add_(both, alpha=-K * K)
+    r = x.t() @ (a > 0).to(torch.float32)
     neg = torch.mul(r, 1.0 / K).floor_()
-    return r.add_(neg, alpha=-K).add_(both), neg
+    return r.add_(neg, alpha=-K), neg
+
+
+def _sign_product_counts(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """#pos and #neg of g_i = d_i a_iᵀ over the rows (fewer than 2²⁴) of ``d``, ``a`` by one float32 product.
+
+    S = sign(d)ᵀsign(a) = #pos − #neg, and N = #pos + #neg = |sign(d)|ᵀ|sign(a)| counts the samples
+    where both factors are non-zero: for a column of ``a`` without zeros that is the number of
+    non-zero entries of each column of ``d`` (a vector, no product). Only the columns of ``a`` that hold a
+    zero need their own product (all of them when that is most). #pos = (N + S)/2, #neg = N − #pos.
+    Every partial sum is an integer of magnitude below 2²⁴, exact in float32 in any summation order and
+    at any ``float32_matmul_precision`` (the factors are 0 and ±1).
+    """
+    sd, sa = torch.sign(d).to(torch.float32), torch.sign(a).to(torch.float32)
+    ones = torch.ones(1, d.shape[0], dtype=torch.float32, device=d.device)
+    s = sd.t() @ sa
+    n = (ones @ sd.abs()).t()  # [out, 1]: non-zero δ per output
+    zeros = sa == 0
+    if bool(zeros.any()):
+        cols = zeros.any(0).nonzero()[:, 0]
+        if 2 * cols.numel() > a.shape[1]:
+            n = sd.abs_().t() @ sa.abs()
+        else:
+            n = n.expand_as(s).clone()
+            n[:, cols] = sd.abs_().t() @ sa[:, cols].abs_()
+    pos = s.add_(n).mul_(0.5)
+    return pos, torch.sub(n, pos)
 
 
 def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,22 +282,21 @@ def sign_counts_outer(d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, t
     Exact integers, as int32 or float32 (or float64 from 2²⁴ samples on). sign(d·a) = sign(d)·sign(a).
     Where int8 products are fast (:func:`_int8_faster`): with S = sign(d)ᵀsign(a) and
     N = |sign(d)|ᵀ|sign(a)| (the number of samples where g ≠ 0), #pos = (N + S)/2 and
-    #neg = (N − S)/2 — two exact integer products. Elsewhere one float32 product of base-K encoded
-    indicator matrices (:func:`_encoded_counts`), over blocks of samples small enough to stay exact;
-    used only where float32 products are full float32 (``torch.get_float32_matmul_precision() ==
-    "highest"``), else the two products in float32.
+    #neg = (N − S)/2 — two exact integer products. Elsewhere one float32 product: for ``a`` ≥ 0
+    (after a ReLU) of base-K encoded indicator matrices (:func:`_encoded_counts`), over blocks of
+    samples small enough to stay exact, where float32 products are full float32
+    (``torch.get_float32_matmul_precision() == "highest"``); for ``a`` of both signs S alone, N from
+    the zeros (:func:`_sign_product_counts`).
     """
-    if not _int8_used(d, a) and torch.get_float32_matmul_precision() == "highest":
-        nonneg = not bool((a < 0).any())
-        most = _ENCODED_MAX_NONNEG if nonneg else _ENCODED_MAX_MIXED
-        B = int(d.shape[0])
-        parts = -(-B // most)
+    B = int(d.shape[0])
+    if not _int8_used(d, a) and B < 2**24:
+        if torch.get_float32_matmul_precision() != "highest" or bool((a < 0).any()):
+            return _sign_product_counts(d, a)
+        parts = -(-B // _ENCODED_MAX_NONNEG)
         bounds = [round(i * B / parts) for i in range(parts + 1)]
         pos = neg = None
         for lo, hi in zip(bounds, bounds[1:]):
-            bp, bn = _encoded_counts(d[lo:hi], a[lo:hi], nonneg)
-            if B >= 2**24:  # float32 sums of counts are exact below 2²⁴
-                bp, bn = bp.double(), bn.double()
+            bp, bn = _encoded_counts(d[lo:hi], a[lo:hi])
             pos, neg = (bp, bn) if pos is None else (pos.add_(bp), neg.add_(bn))
         if pos is None:
             z = torch.zeros((d.shape[1], a.shape[1]), dtype=torch.float32, device=d.device)
