@@ -84,10 +84,10 @@ def _linear_weight_moments(
             pos_cnt, neg_cnt = (bp, bn) if j == 0 else (pos_cnt.add_(bp), neg_cnt.add_(bn))
     # Every term below is of the size of the spread, so it is combined in the compute dtype.
     if grad is not None:
-        diff = torch.addr(grad.to(dt), dbar, abar, alpha=-1)  # ḡ − K = Σh/B
+        diff = torch.addr(grad.to(dt), dbar, abar, alpha=-1, out=_buffer(scratch, W, "diff", shape, dt))  # ḡ − K = Σh/B
     else:
         diff = cross[n_out:].addr(su, abar).div_(B)
-    m2 = torch.addcmul(sq, cross[:n_out], abar * 2).addr_(su2, abar.square())  # Σh²
+    m2 = sq.addcmul_(cross[:n_out], abar * 2).addr_(su2, abar.square())  # Σh², in sq's buffer
     m2.addcmul_(diff, diff, value=-B).clamp_(min=0.0)  # − (Σh)²/B
     m2 = _buffer(scratch, W, "m2", shape, torch.float64).copy_(m2)
     mean = _buffer(scratch, W, "mean", shape, torch.float64)
